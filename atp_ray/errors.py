@@ -1,0 +1,26 @@
+"""The exceptions atp-ray raises on purpose; anything else is a bug."""
+
+
+class ATPRayError(Exception):
+    """Base class of every error that atp-ray reports to the user."""
+
+
+class ConfigError(ATPRayError):
+    """A config (YAML or overrides) broke one or more rules; the message lists them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class UnsupportedArchitectureError(ATPRayError):
+    """The model's architecture is not one whose structures atp-ray knows how to prune."""
+
+
+class RunFolderError(ATPRayError):
+    """A run folder cannot be used as asked (finished already, or holds another run)."""
+
+
+class DataError(ATPRayError):
+    """A dataset is missing, empty, malformed or does not fit the task asked of it."""

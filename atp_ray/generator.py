@@ -1,0 +1,102 @@
+"""The pruning-decision generator: one logit per prunable unit, turned into hard masks.
+
+A fixed, orthogonally initialised code per decoder layer goes through a small transformer
+encoder over the layer axis, so that decisions of different layers can inform each other;
+one bias-free linear head per (layer, unit kind) maps to that group's unit count. Only
+those heads depend on the model's shape, so one design serves any model size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from atp_ray.structures import Masks, PruningSpace, UnitGroup
+
+
+def binarize(
+    logits: Tensor, *, temperature: float, base: float, stochastic: bool, generator: torch.Generator | None = None
+) -> Tensor:
+    """Hard 0/1 mask from logits with a straight-through gradient.
+
+    soft = sigmoid((logit + noise + base) / temperature), where noise is logistic
+    (Gumbel-sigmoid) when ``stochastic`` and zero otherwise; the forward value is
+    soft > 0.5, the backward gradient is the soft one. At least one unit is always kept
+    (the most confident), so a layer never loses all heads or all channels.
+    """
+    if stochastic:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid((logits + base) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    if hard.sum() == 0:
+        hard = torch.zeros_like(hard)
+        hard[soft.argmax()] = 1.0
+    return hard + soft - soft.detach()
+
+
+class PruningGenerator(nn.Module):
+    """Emits masks for a :class:`PruningSpace`: stochastic in training, deterministic in eval."""
+
+    def __init__(
+        self,
+        space: PruningSpace,
+        *,
+        width: int = 64,
+        num_heads: int = 4,
+        num_encoder_layers: int = 2,
+        temperature: float = 0.4,
+        base: float = 3.0,
+    ):
+        super().__init__()
+        self.space = space
+        self.temperature = temperature
+        self.base = base
+        codes = torch.empty(space.num_layers, width)
+        nn.init.orthogonal_(codes)
+        # A fixed input: trainable codes would let the generator memorise without the encoder.
+        self.register_buffer("layer_codes", codes)
+        block = nn.TransformerEncoderLayer(
+            width, num_heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(block, num_encoder_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({_head_key(g): nn.Linear(width, g.size, bias=False) for g in space.groups})
+
+    def logits(self) -> dict[UnitGroup, Tensor]:
+        """One logit per unit, keyed by unit group."""
+        hidden = self.norm(self.encoder(self.layer_codes.unsqueeze(0)).squeeze(0))  # [layers, width]
+        return {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
+
+    def forward(self, generator: torch.Generator | None = None) -> dict[UnitGroup, Tensor]:
+        """Hard masks with straight-through gradients; noisy only in training mode."""
+        return {
+            g: binarize(
+                logit,
+                temperature=self.temperature,
+                base=self.base,
+                stochastic=self.training,
+                generator=generator,
+            )
+            for g, logit in self.logits().items()
+        }
+
+    @torch.no_grad()
+    def deterministic_masks(self) -> dict[UnitGroup, Tensor]:
+        """The noise-free hard mask: the one that is frozen, saved and exported."""
+        was_training = self.training
+        self.eval()
+        try:
+            return {g: m.detach() for g, m in self().items()}
+        finally:
+            self.train(was_training)
+
+
+def _head_key(group: UnitGroup) -> str:
+    # ModuleDict keys may not contain dots.
+    return f"layer{group.layer}_{group.kind.value}"
+
+
+def detach_masks(masks: Masks) -> dict[UnitGroup, Tensor]:
+    """Hard masks without their graph, for steps that must not train the generator."""
+    return {g: m.detach() for g, m in masks.items()}

@@ -1,0 +1,50 @@
+"""Applying unit masks to a live decoder, reversibly.
+
+A masked query head or MLP channel must contribute nothing, exactly as if it were cut.
+We multiply the *input* of o_proj (per query head) and of down_proj (per channel): that
+zeroes everything the unit writes to the residual stream, including its LoRA path when
+the projection is a peft LoRA layer, since the hook sits on the module the layer calls.
+A KV head only feeds the query heads of its group, so masking those heads masks it too.
+Hooks live only inside the ``masked`` context: the mask is an argument of each step,
+never state left on the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+from atp_ray.structures import Masks, PruningSpace
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, a peft-wrapped one included."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def _scale_input(mask: Tensor):
+    def hook(_module: nn.Module, args: tuple[Any, ...]):
+        (x, *rest) = args
+        return (x * mask.to(x.dtype), *rest)
+
+    return hook
+
+
+@contextmanager
+def masked(model: nn.Module, space: PruningSpace, masks: Masks) -> Iterator[nn.Module]:
+    """Run ``model`` with ``masks`` applied; gradients flow into the mask values."""
+    handles = []
+    try:
+        for index, layer in enumerate(decoder_layers(model)):
+            heads = space.query_head_mask(masks, index).repeat_interleave(space.head_dim)
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(_scale_input(heads)))
+            channels = space.mlp_mask(masks, index)
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(_scale_input(channels)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

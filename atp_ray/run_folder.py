@@ -1,0 +1,94 @@
+"""The layout of a run folder and the atomic writes that keep it consistent after a crash.
+
+    config.yaml           the resolved run config
+    metrics.jsonl         one row per logged step
+    checkpoint.pt         latest resumable training state (tensors only: weights_only loads)
+    mask.json             the final, noise-free hard mask and its sparsity
+    adapter/              the LoRA adapter in peft format
+    generator.safetensors the generator's weights
+    summary.json          written last: its presence means the run finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from atp_ray.structures import PruningSpace, UnitGroup
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside ``path``, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of one run's files."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def mask(self) -> Path:
+        return self.root / "mask.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def generator(self) -> Path:
+        return self.root / "generator.safetensors"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def is_finished(self) -> bool:
+        return self.summary.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config.read_text())
+
+    def write_mask(self, space: PruningSpace, masks: dict[UnitGroup, torch.Tensor]) -> None:
+        atomic_write_json(self.mask, {"sparsity": space.sparsity(masks), "groups": space.masks_to_dict(masks)})
+
+    def read_mask(self, space: PruningSpace) -> dict[UnitGroup, torch.Tensor]:
+        return space.masks_from_dict(json.loads(self.mask.read_text())["groups"])
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint.is_file():
+            return None
+        return torch.load(self.checkpoint, map_location="cpu", weights_only=True)
