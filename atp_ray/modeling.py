@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.embedded import EMBEDDED_MODEL, embedded_model_path
-from atp_ray.structures import check_supported
+from atp_ray.errors import RunFolderError
+from atp_ray.run_folder import RunFolder
+from atp_ray.structures import PruningSpace, UnitGroup, check_supported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,3 +42,21 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_run_model(run_dir: str | Path) -> tuple[PreTrainedModel, PruningSpace, dict[UnitGroup, torch.Tensor]]:
+    """A finished run's model with its LoRA merged, plus its pruning space and final hard mask.
+
+    The mask is not applied: wrap calls in ``atp_ray.masking.masked(model, space, masks)``
+    to get the pruned model's outputs, or compress it with ``atp_ray.compress``.
+    """
+    from peft import PeftModel
+
+    folder = RunFolder(Path(run_dir))
+    if not folder.mask.is_file() or not folder.adapter.is_dir():
+        raise RunFolderError(f"{run_dir} holds no finished ATP run (mask.json and adapter/ are missing)")
+    model_cfg = folder.read_config()["model"]
+    base = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
+    model = PeftModel.from_pretrained(base, folder.adapter).merge_and_unload().eval()
+    space = PruningSpace.from_config(model.config)
+    return model, space, folder.read_mask(space)
