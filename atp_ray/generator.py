@@ -32,7 +32,19 @@ def binarize(
     if hard.sum() == 0:
         hard = torch.zeros_like(hard)
         hard[soft.argmax()] = 1.0
-    return hard + soft - soft.detach()
+    return _StraightThrough.apply(soft, hard)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward the hard values exactly; send the gradient to the soft ones unchanged."""
+
+    @staticmethod
+    def forward(ctx, soft: Tensor, hard: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
 
 
 class PruningGenerator(nn.Module):
@@ -83,13 +95,40 @@ class PruningGenerator(nn.Module):
 
     @torch.no_grad()
     def deterministic_masks(self) -> dict[UnitGroup, Tensor]:
-        """The noise-free hard mask: the one that is frozen, saved and exported."""
-        was_training = self.training
-        self.eval()
-        try:
-            return {g: m.detach() for g, m in self().items()}
-        finally:
-            self.train(was_training)
+        """The noise-free hard mask."""
+        return _shifted_masks(self.logits(), 0.0, self.temperature, self.base)
+
+    @torch.no_grad()
+    def masks_at_sparsity(self, sparsity: float, iterations: int = 40) -> dict[UnitGroup, Tensor]:
+        """The noise-free mask whose sparsity is closest to ``sparsity``: the one frozen and exported.
+
+        The generator's noise-free decisions drift from the budget that its noisy samples
+        were trained to meet; one global logit offset, found by bisection, keeps its
+        ranking of units and hits the budget up to the granularity of one unit.
+        """
+        logits = self.logits()
+        masks_at = lambda offset: _shifted_masks(logits, offset, self.temperature, self.base)  # noqa: E731
+        low, high = -_OFFSET_RANGE, _OFFSET_RANGE  # a higher offset keeps more units
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            if self.space.sparsity(masks_at(middle)) > sparsity:
+                low = middle
+            else:
+                high = middle
+        return min((masks_at(low), masks_at(high)), key=lambda masks: abs(self.space.sparsity(masks) - sparsity))
+
+
+def _shifted_masks(
+    logits: dict[UnitGroup, Tensor], offset: float, temperature: float, base: float
+) -> dict[UnitGroup, Tensor]:
+    return {
+        g: binarize(logit + offset, temperature=temperature, base=base, stochastic=False)
+        for g, logit in logits.items()
+    }
+
+
+# Logit shifts searched when matching a budget; beyond it every unit is kept or cut.
+_OFFSET_RANGE = 100.0
 
 
 def _head_key(group: UnitGroup) -> str:

@@ -182,7 +182,7 @@ class PruningSpace:
 
     def sparsity(self, masks: Masks) -> float:
         """Fraction of prunable parameters that ``masks`` removes."""
-        return 1.0 - float(self.kept_fraction(masks))
+        return 1.0 - float(self.kept_fraction(masks).detach())
 
     # -- per-layer views ---------------------------------------------------------------
     def kept_slots(self, masks: Masks, layer: int) -> Tensor:

@@ -57,3 +57,50 @@ def random_masks(space, seed: int = 0, keep: float = 0.6):
         m[torch.randint(group.size, (1,), generator=gen)] = 1.0
         masks[group] = m
     return masks
+
+
+def build_tiny_tokenizer(folder, texts: list[str], vocab_size: int = 256):
+    """A small byte-level BPE tokenizer trained on ``texts`` and saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama (GQA) with a tokenizer trained on HPO text: a complete local model folder."""
+    from atp_ray.corpora import hpo_documents
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(folder, hpo_documents()[:2000])
+    model_cls, config_cls, extra = TINY_MODELS["llama-gqa"]
+    torch.manual_seed(0)
+    config = config_cls(**{**TINY, **extra, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
+    model_cls(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_run_config(model_dir, **sections) -> dict:
+    """A raw run config for a fast ATP run on the tiny model; ``sections`` update its parts."""
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": {"source": "builtin:hpo", "seq_len": 32, "max_documents": 600},
+        "lora": {"rank": 4, "alpha": 8},
+        "atp": {"sparsity": 0.4, "generator_lr": 0.02, "freeze_patience": 5},
+        "train": {"steps": 40, "batch_size": 4, "calibration_batch_size": 4, "lr": 1e-3, "log_every": 5, "checkpoint_every": 10},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw

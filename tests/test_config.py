@@ -1,0 +1,72 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atp_ray.config import load_config
+from atp_ray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_run_config_validates(path):
+    load_config(path)
+
+
+def test_overrides_set_dotted_keys(tiny_model_dir):
+    config = load_config(
+        {"model": {"path": str(tiny_model_dir)}},
+        ["atp.sparsity=0.45", "train.steps=7", "train.seed=3", f"model.path={tiny_model_dir}"],
+    )
+    assert (config.atp.sparsity, config.train.steps, config.train.seed) == (0.45, 7, 3)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            {
+                "model": {"path": str(tmp_path / "missing")},
+                "atp": {"sparsity": 0.99, "surprise": 1},
+                "train": {"lr": -1.0, "steps": 0},
+            }
+        )
+    message = str(caught.value)
+    for expected in [
+        "atp.sparsity: input should be less than or equal to 0.95 (got 0.99)",
+        "atp.surprise: unknown key (got 1)",
+        "train.lr: input should be greater than 0 (got -1.0)",
+        "train.steps: input should be greater than 0 (got 0)",
+        f"model.path: no such folder, and not a hub id (got '{tmp_path / 'missing'}')",
+    ]:
+        assert expected in message
+    assert len(caught.value.problems) == 5
+
+
+def test_missing_model_path_and_unsupported_architecture(tmp_path):
+    with pytest.raises(ConfigError, match="model: required"):
+        load_config({"atp": {"sparsity": 0.3}})
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match="architecture 'gpt2' is not supported"):
+        load_config({"model": {"path": str(tmp_path)}})
+
+
+def test_hub_ids_are_accepted_without_network():
+    assert load_config({"model": {"path": "meta-llama/Meta-Llama-3-8B"}}).model.path == "meta-llama/Meta-Llama-3-8B"
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"path": "/nowhere"}, "atp": {"sparsity": 1.5}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "atp_ray.cli", "train", "--config", str(bad), "train.steps=-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for field in ("atp.sparsity", "train.steps", "model.path"):
+        assert field in result.stderr

@@ -1,0 +1,58 @@
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from atp_ray.generator import PruningGenerator, binarize
+from atp_ray.structures import PruningSpace
+
+
+@pytest.fixture
+def space():
+    return PruningSpace.from_config(make_tiny_model("qwen2-gqa").config)
+
+
+def test_one_logit_per_unit(space):
+    generator = PruningGenerator(space)
+    logits = generator.logits()
+    assert set(logits) == set(space.groups)
+    assert all(logits[g].shape == (g.size,) for g in space.groups)
+
+
+def test_masks_are_hard_with_straight_through_gradients(space):
+    generator = PruningGenerator(space).train()
+    masks = generator(torch.Generator().manual_seed(0))
+    values = torch.cat([m.detach() for m in masks.values()])
+    assert set(values.unique().tolist()) <= {0.0, 1.0}
+    space.kept_fraction(masks).backward()
+    grads = [p.grad for p in generator.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_eval_masks_are_deterministic_and_training_masks_are_noisy(space):
+    generator = PruningGenerator(space, base=0.0)  # logits near the threshold: noise flips units
+    generator.eval()
+    first = generator()
+    assert all(torch.equal(first[g], m) for g, m in generator().items())
+    generator.train()
+    a, b = generator(torch.Generator().manual_seed(1)), generator(torch.Generator().manual_seed(2))
+    assert any(not torch.equal(a[g], b[g]) for g in space.groups)
+
+
+def test_fresh_generator_keeps_everything(space):
+    masks = PruningGenerator(space).eval()()
+    assert space.sparsity(masks) == pytest.approx(0.0)
+
+
+def test_at_least_one_unit_is_always_kept():
+    mask = binarize(torch.full((5,), -100.0), temperature=0.4, base=3.0, stochastic=False)
+    assert mask.sum() == 1
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.8])
+def test_masks_at_sparsity_meet_the_budget(space, target):
+    generator = PruningGenerator(space)
+    with torch.no_grad():  # spread the logits so units differ
+        for head in generator.heads.values():
+            head.weight.normal_(0, 1.0)
+    masks = generator.masks_at_sparsity(target)
+    assert space.sparsity(masks) == pytest.approx(target, abs=0.03)
