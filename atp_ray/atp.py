@@ -106,6 +106,8 @@ class ATPRecipe:
         self.freeze_step: int | None = None
         self.steps_within_tolerance = 0
         self._resume()
+        if self.context.is_main:
+            _truncate_metrics(self.folder.metrics, self.step)
 
     def _prepare_folder(self) -> None:
         folder = self.folder
@@ -138,8 +140,6 @@ class ATPRecipe:
                 g: m.to(self.device) for g, m in self.space.masks_from_dict(state["frozen_masks"]).items()
             }
         torch.set_rng_state(state["rng"])
-        if self.context.is_main:
-            _truncate_metrics(self.folder.metrics, self.step)
         log.info("resumed %s at step %d", self.folder.root, self.step)
 
     # -- train -------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so no step appears twice."""
+    """Drop rows logged after the step we (re)start from, so no step appears twice."""
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from atp_ray.errors import ATPRayError
 from atp_ray.structures import Masks, UnitGroup
 
 
@@ -29,6 +30,8 @@ class ProcessContext:
         """The context of this process: the initialised process group's, else a single process."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ATPRayError("train.device: 'cuda' was asked for but torch sees no GPU")
         if device == "cuda" and dist.is_initialized():
             device = f"cuda:{torch.cuda.current_device()}"
         if dist.is_initialized():
