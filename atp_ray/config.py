@@ -202,7 +202,8 @@ class TaskConfig(_Section):
     def _metric_fits_format(self) -> TaskConfig:
         allowed = METRIC_FORMATS[self.metric]
         if self.format.kind not in allowed:
-            raise ValueError(f"metric {self.metric!r} needs a format of kind {' or '.join(allowed)}, got {self.format.kind!r}")
+            kinds = " or ".join(allowed)
+            raise ValueError(f"metric {self.metric!r} needs a format of kind {kinds}, got {self.format.kind!r}")
         return self
 
 

@@ -86,7 +86,7 @@ def split_table(table: Table, calibration_fraction: float, eval_fraction: float,
     n_eval = max(1, round(len(order) * eval_fraction))
     n_calib = max(1, round(len(order) * calibration_fraction))
     if n_eval + n_calib >= len(order):
-        raise DataError(f"{table.origin}: {len(order)} rows are too few to split into train, calibration and evaluation")
+        raise DataError(f"{table.origin}: {len(order)} rows are too few to split into train, calibration, evaluation")
     bounds = {"evaluation": (0, n_eval), "calibration": (n_eval, n_eval + n_calib), "train": (n_eval + n_calib, None)}
     return TableSplits(
         **{

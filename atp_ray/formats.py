@@ -143,7 +143,8 @@ class PromptEncoder:
         """The prompt text that precedes an answer."""
         if not self.chat:
             return f"{system}\n\n{user}\n" if system else f"{user}\n"
-        return self.tokenizer.apply_chat_template(self._messages(user, system), add_generation_prompt=True, tokenize=False)
+        messages = self._messages(user, system)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def answer(self, text: str, end_turn: bool) -> str:
         """An answer's text; ``end_turn`` closes the turn (for training, not for scoring choices)."""
@@ -182,7 +183,8 @@ def render_choices(fmt: MultipleChoiceFormat, row: Row, where: str) -> list[str]
         return [_render_checked(t, row, where) for t in fmt.choices]
     value = row[fmt.choices_column]
     if not isinstance(value, list) or len(value) < 2:
-        raise DataError(f"{where}: column {fmt.choices_column!r} must hold a list of at least two choices, got {value!r}")
+        column = fmt.choices_column
+        raise DataError(f"{where}: column {column!r} must hold a list of at least two choices, got {value!r}")
     return [_as_text(v) for v in value]
 
 
@@ -225,7 +227,9 @@ def training_pairs(table: Table, fmt: Format, tokenizer: PreTrainedTokenizerBase
 # -- rows -> evaluation inputs ------------------------------------------------------------
 
 
-def choice_questions(table: Table, fmt: MultipleChoiceFormat, tokenizer: PreTrainedTokenizerBase) -> list[ChoiceQuestion]:
+def choice_questions(
+    table: Table, fmt: MultipleChoiceFormat, tokenizer: PreTrainedTokenizerBase
+) -> list[ChoiceQuestion]:
     """Each row as a context and one unterminated continuation per choice."""
     check_columns(table, fmt)
     encoder = PromptEncoder(tokenizer, fmt.chat_template)
@@ -240,7 +244,9 @@ def choice_questions(table: Table, fmt: MultipleChoiceFormat, tokenizer: PreTrai
     return questions
 
 
-def generation_prompts(table: Table, fmt: InstructionFormat, tokenizer: PreTrainedTokenizerBase) -> list[GenerationPrompt]:
+def generation_prompts(
+    table: Table, fmt: InstructionFormat, tokenizer: PreTrainedTokenizerBase
+) -> list[GenerationPrompt]:
     """Each row's prompt as tokens, with its response as the reference text."""
     pairs = training_pairs(table, fmt, tokenizer)
     return [
@@ -270,7 +276,9 @@ def fit_pair(pair: Pair, max_len: int) -> Pair:
 def _warn_too_long(pairs: list[Pair], max_len: int, what: str) -> None:
     too_long = sum(len(p.prompt) + len(p.continuation) > max_len for p in pairs)
     if too_long:
-        log.warning("%s: %d of %d sequences are longer than %d tokens and were truncated", what, too_long, len(pairs), max_len)
+        log.warning(
+            "%s: %d of %d sequences are longer than %d tokens and were truncated", what, too_long, len(pairs), max_len
+        )
 
 
 def fit_pairs(pairs: list[Pair], max_len: int, what: str) -> list[Pair]:

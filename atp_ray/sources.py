@@ -82,7 +82,8 @@ def _file_table(source: FileSource, limit: int | None) -> Table:
     path = Path(source.path).expanduser()
     file_format = source.format or path.suffix.lstrip(".").lower()
     if file_format not in FILE_READERS:
-        raise DataError(f"{path}: unknown file format {file_format!r}; set source.format to one of {', '.join(FILE_READERS)}")
+        known = ", ".join(FILE_READERS)
+        raise DataError(f"{path}: unknown file format {file_format!r}; set source.format to one of {known}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.stat().st_size == 0:
