@@ -29,36 +29,6 @@ TINY_MODELS = {
 }
 
 
-def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny randomly initialised causal LM in fp32 eval mode."""
-    model_cls, config_cls, extra = TINY_MODELS[name]
-    torch.manual_seed(seed)
-    config = config_cls(**{**TINY, **extra})
-    model = model_cls(config).eval()
-    # Random init leaves biases at zero; perturb them so bias slicing is really tested.
-    with torch.no_grad():
-        for name_, param in model.named_parameters():
-            if name_.endswith("bias"):
-                param.normal_(0, 0.1)
-    return model
-
-
-@pytest.fixture(params=sorted(TINY_MODELS))
-def tiny_model(request) -> torch.nn.Module:
-    return make_tiny_model(request.param)
-
-
-def random_masks(space, seed: int = 0, keep: float = 0.6):
-    """A random hard mask that keeps at least one unit per group."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for group in space.groups:
-        m = (torch.rand(group.size, generator=gen) < keep).float()
-        m[torch.randint(group.size, (1,), generator=gen)] = 1.0
-        masks[group] = m
-    return masks
-
-
 # -- a tiny character-level tokenizer that fits the tiny models' vocabulary of 64 --------------
 
 TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!'-()\n"
@@ -97,9 +67,40 @@ def tiny_chat_tokenizer():
 
 
 @pytest.fixture
-def tiny_model_dir(tmp_path):
+def tiny_chat_model_dir(tmp_path):
     """A local transformers folder: the tiny GQA Llama with the tiny chat tokenizer."""
     folder = tmp_path / "tiny-llama"
     make_tiny_model("llama-gqa").save_pretrained(folder)
     make_tiny_tokenizer(chat_template=True).save_pretrained(folder)
     return folder
+
+
+def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM in fp32 eval mode."""
+    model_cls, config_cls, extra = TINY_MODELS[name]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra})
+    model = model_cls(config).eval()
+    # Random init leaves biases at zero; perturb them so bias slicing is really tested.
+    with torch.no_grad():
+        for name_, param in model.named_parameters():
+            if name_.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request) -> torch.nn.Module:
+    return make_tiny_model(request.param)
+
+
+def random_masks(space, seed: int = 0, keep: float = 0.6):
+    """A random hard mask that keeps at least one unit per group."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for group in space.groups:
+        m = (torch.rand(group.size, generator=gen) < keep).float()
+        m[torch.randint(group.size, (1,), generator=gen)] = 1.0
+        masks[group] = m
+    return masks
+

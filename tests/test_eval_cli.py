@@ -24,12 +24,12 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_eval_dense_folder_prints_a_table_and_writes_json(tiny_model_dir, tmp_path, capsys):
+def test_eval_dense_folder_prints_a_table_and_writes_json(tiny_chat_model_dir, tmp_path, capsys):
     out = tmp_path / "report" / "eval.json"
-    assert main(["eval", str(tiny_model_dir), "--max-samples", "2", "--out", str(out)]) == 0
+    assert main(["eval", str(tiny_chat_model_dir), "--max-samples", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["kind"] == "dense"
-    assert report["parameters"] == sum(p.numel() for p in load_model(str(tiny_model_dir)).parameters())
+    assert report["parameters"] == sum(p.numel() for p in load_model(str(tiny_chat_model_dir)).parameters())
     assert report["disk_bytes"] > 0
     assert set(report["tasks"]) == {"domain-ppl", "hpo-term", "icd10-chapter"}
     for result in report["tasks"].values():
@@ -40,14 +40,14 @@ def test_eval_dense_folder_prints_a_table_and_writes_json(tiny_model_dir, tmp_pa
 
 
 @pytest.fixture
-def run_dir(tiny_model_dir, tmp_path):
+def run_dir(tiny_chat_model_dir, tmp_path):
     """A finished ATP run on the tiny model: config, LoRA adapter and a random hard mask."""
     folder = RunFolder(tmp_path / "run")
     folder.root.mkdir()
     data = {"source": write_jsonl(tmp_path / "d.jsonl", [{"text": f"note {i}"} for i in range(100)]), "seq_len": 16}
-    config = {"model": {"path": str(tiny_model_dir)}, "data": data, "train": {"seed": 3}}
+    config = {"model": {"path": str(tiny_chat_model_dir)}, "data": data, "train": {"seed": 3}}
     folder.config.write_text(yaml.safe_dump(config))
-    base = load_model(str(tiny_model_dir))
+    base = load_model(str(tiny_chat_model_dir))
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "down_proj"])).save_pretrained(folder.adapter)
     space = PruningSpace.from_config(base.config)
     folder.write_mask(space, random_masks(space, seed=1))
@@ -75,6 +75,6 @@ def test_eval_run_folder_scores_the_masked_model_on_its_held_out_data(run_dir, t
     assert report["parameters"] == dense - space.prunable_params + int(space.kept_params(masks))
 
 
-def test_unknown_task_is_a_clean_error(tiny_model_dir, capsys):
-    assert main(["eval", str(tiny_model_dir), "--tasks", "hpo-term,bogus"]) == 2
+def test_unknown_task_is_a_clean_error(tiny_chat_model_dir, capsys):
+    assert main(["eval", str(tiny_chat_model_dir), "--tasks", "hpo-term,bogus"]) == 2
     assert "unknown task 'bogus'" in capsys.readouterr().err
