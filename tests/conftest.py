@@ -103,4 +103,3 @@ def random_masks(space, seed: int = 0, keep: float = 0.6):
         m[torch.randint(group.size, (1,), generator=gen)] = 1.0
         masks[group] = m
     return masks
-
