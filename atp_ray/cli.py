@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated built-in tasks ({', '.join(BUILTIN_TASKS)}) or task YAML paths (default %(default)s)",
     )
     evaluate.add_argument(
-        "--max-samples", type=_sample_cap, default=50, help="cap on samples per task, or 'all' (default %(default)s)"
+        "--max-samples", type=_sample_cap, default=20, help="cap on samples per task, or 'all' (default %(default)s)"
     )
     evaluate.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass of perplexity (default 8)")
     evaluate.add_argument(

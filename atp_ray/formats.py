@@ -135,6 +135,8 @@ class PromptEncoder:
         full = self.tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": self._PROBE}], tokenize=False
         )
+        # Some templates render a finished assistant turn unlike the generation prompt (reasoning
+        # tags, trimmed whitespace); the suffix is then unknown and EOS closes the answer.
         if not full.startswith(prompt) or self._PROBE not in full:
             return self.tokenizer.eos_token
         return full.split(self._PROBE, 1)[1]
@@ -154,9 +156,9 @@ class PromptEncoder:
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], continuations: list[str]) -> list[Pair]:
     """Batch-tokenize prompt and continuation texts separately, so their boundary is exact."""
     # Special tokens are spelled out in the texts (chat templates, EOS), so none are added here.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    cont_ids = tokenizer(continuations, add_special_tokens=False)["input_ids"] if continuations else []
-    return [Pair(list(p), list(c)) for p, c in zip(prompt_ids, cont_ids, strict=True)]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    cont_ids = tokenizer(continuations, add_special_tokens=False)["input_ids"]
+    return [Pair(p, c) for p, c in zip(prompt_ids, cont_ids, strict=True)]
 
 
 # -- rows -> training pairs, per format ---------------------------------------------------
