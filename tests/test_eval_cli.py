@@ -78,3 +78,12 @@ def test_eval_run_folder_scores_the_masked_model_on_its_held_out_data(run_dir, t
 def test_unknown_task_is_a_clean_error(tiny_chat_model_dir, capsys):
     assert main(["eval", str(tiny_chat_model_dir), "--tasks", "hpo-term,bogus"]) == 2
     assert "unknown task 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_embedded_model(tmp_path):
+    out = tmp_path / "embedded.json"
+    assert main(["eval", "embedded:smollm2-135m-instruct", "--max-samples", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["parameters"] == 134_515_008
+    assert all(result["samples"] == 2 for result in report["tasks"].values())

@@ -135,3 +135,13 @@ def test_fit_pairs_warns_once_with_a_count(caplog):
         fitted = fit_pairs([Pair([], [1] * 9), Pair([], [1] * 3), Pair([2] * 8, [1])], 4, "my task")
     assert [len(p.prompt) + len(p.continuation) for p in fitted] == [4, 3, 4]
     assert "my task: 2 of 3 sequences are longer than 4 tokens and were truncated" in caplog.text
+
+
+@pytest.mark.slow
+def test_embedded_chat_template_masks_the_prompt():
+    from atp_ray.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded:smollm2-135m-instruct")
+    (pair,) = training_pairs(table({"question": "why", "answer": "because"}), INSTRUCTION, tokenizer)
+    assert decode(tokenizer, pair.prompt).endswith("<|im_start|>user\nq: why<|im_end|>\n<|im_start|>assistant\n")
+    assert decode(tokenizer, pair.continuation) == "because<|im_end|>\n"
