@@ -111,23 +111,23 @@ def _labels(pair: Pair) -> list[int]:
     return [IGNORE_INDEX] * len(pair.prompt) + pair.continuation
 
 
-def pack(pairs: list[Pair], seq_len: int, pad_id: int) -> TokenBlocks:
+def pack(pairs: list[Pair], seq_len: int, pad_id: int, what: str = "examples") -> TokenBlocks:
     """Concatenate examples and cut into full blocks; blocks without any target are dropped."""
     del pad_id  # full blocks need no padding
     ids = [t for p in pairs for t in p.prompt + p.continuation]
     labels = [t for p in pairs for t in _labels(p)]
     usable = len(ids) // seq_len * seq_len
     if usable == 0:
-        raise DataError(f"not enough text for one block of {seq_len} tokens ({len(ids)} tokens)")
+        raise DataError(f"{what}: not enough text for one block of {seq_len} tokens ({len(ids)} tokens)")
     blocks = torch.tensor(ids[:usable]).view(-1, seq_len)
     targets = torch.tensor(labels[:usable]).view(-1, seq_len)
     keep = (targets != IGNORE_INDEX).any(dim=1)
     return TokenBlocks(blocks[keep], torch.ones_like(blocks[keep]), targets[keep])
 
 
-def pad(pairs: list[Pair], seq_len: int, pad_id: int) -> TokenBlocks:
-    """One example per block, truncated to ``seq_len`` (with a warning) and right-padded."""
-    pairs = fit_pairs(pairs, seq_len, "pad layout")
+def pad(pairs: list[Pair], seq_len: int, pad_id: int, what: str = "examples") -> TokenBlocks:
+    """One example per block, truncated to ``seq_len`` (with a warning naming ``what``) and right-padded."""
+    pairs = fit_pairs(pairs, seq_len, what)
     input_ids = torch.full((len(pairs), seq_len), pad_id)
     attention_mask = torch.zeros((len(pairs), seq_len), dtype=torch.long)
     labels = torch.full((len(pairs), seq_len), IGNORE_INDEX)
@@ -139,7 +139,7 @@ def pad(pairs: list[Pair], seq_len: int, pad_id: int) -> TokenBlocks:
     return TokenBlocks(input_ids, attention_mask, labels)
 
 
-LAYOUTS: dict[str, Callable[[list[Pair], int, int], TokenBlocks]] = {"pack": pack, "pad": pad}
+LAYOUTS: dict[str, Callable[[list[Pair], int, int, str], TokenBlocks]] = {"pack": pack, "pad": pad}
 # Plain text packs without waste; a prompt/response example is kept whole in its own block.
 DEFAULT_LAYOUT = {"text": "pack", "instruction": "pad", "multiple_choice": "pad"}
 
@@ -162,7 +162,8 @@ def encode_table(table: Table, config: DataConfig, tokenizer: PreTrainedTokenize
     """Token blocks of a table, in a data config's format and layout."""
     # Every pair has a target: an answer or a text always ends with the end-of-turn or EOS token.
     pairs = training_pairs(table, config.format, tokenizer)
-    return LAYOUTS[layout_of(config)](pairs, usable_seq_len(config.seq_len, tokenizer), tokenizer.pad_token_id)
+    seq_len = usable_seq_len(config.seq_len, tokenizer)
+    return LAYOUTS[layout_of(config)](pairs, seq_len, tokenizer.pad_token_id, table.origin)
 
 
 def build_splits(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> DomainSplits:

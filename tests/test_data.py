@@ -160,7 +160,7 @@ def test_text_longer_than_a_block_is_truncated_with_a_warning(tmp_path, tiny_tok
     config = DataConfig(source=write_jsonl(tmp_path / "d.jsonl", rows), layout="pad", seq_len=16)
     with caplog.at_level(logging.WARNING):
         splits = build_splits(config, tiny_tokenizer, seed=0)
-    assert "1 of" in caplog.text and "longer than 16 tokens and were truncated" in caplog.text
+    assert " split): 1 of" in caplog.text and "longer than 16 tokens and were truncated" in caplog.text
     assert splits.train.input_ids.shape[1] == 16
 
 
