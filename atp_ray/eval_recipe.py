@@ -15,13 +15,14 @@ from pydantic import ValidationError
 
 from atp_ray.config import DataConfig
 from atp_ray.errors import ConfigError
-from atp_ray.targets import EvalTarget, load_target
+from atp_ray.targets import load_target
 from atp_ray.tasks import TaskContext, resolve_tasks
 
-def domain_data(target: EvalTarget, domain: str | None) -> DataConfig:
-    """The data whose held-out split domain-ppl scores: ``domain`` (a data.source) or the target's own."""
+
+def domain_data(domain: str | None) -> DataConfig | None:
+    """The data config of a ``--domain`` source (plain text in its ``text`` column), if one is given."""
     if domain is None:
-        return target.data
+        return None
     try:
         return DataConfig(source=domain)
     except ValidationError as err:
@@ -39,13 +40,14 @@ def run_eval(
 ) -> dict[str, Any]:
     """Score a model, run folder or compressed folder on some tasks; returns the report."""
     builders = resolve_tasks(task_specs)
+    domain_config = domain_data(domain)
     target = load_target(model_path, dtype).to(torch.device(device))
     context = TaskContext(
         tokenizer=target.tokenizer,
         max_length=target.model.config.max_position_embeddings,  # every supported architecture declares it
         max_samples=max_samples,
         batch_size=batch_size,
-        data=domain_data(target, domain),
+        data=domain_config or target.data,
         seed=target.seed,
     )
     tasks = [build(context) for build in builders]

@@ -59,7 +59,7 @@ def perplexity(model: nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> Sc
         log_probs, real = _target_log_probs(model, blocks.select(index))
         total -= float(log_probs.sum())
         count += int(real.sum())
-    loss = total / max(count, 1)
+    loss = total / count
     return Score({"perplexity": math.exp(loss), "loss": loss, "tokens": count}, samples=len(blocks))
 
 
@@ -114,7 +114,7 @@ def rouge(predictions: list[str], references: list[str]) -> Score:
     for prediction, reference in zip(predictions, references, strict=True):
         for name, value in scorer.score(reference, prediction).items():
             totals[name] += value.fmeasure
-    return Score({k: v / max(len(predictions), 1) for k, v in totals.items()}, samples=len(predictions))
+    return Score({k: v / len(predictions) for k, v in totals.items()}, samples=len(predictions))
 
 
 def generation_rouge(

@@ -87,3 +87,8 @@ def test_eval_embedded_model(tmp_path):
     report = json.loads(out.read_text())
     assert report["parameters"] == 134_515_008
     assert all(result["samples"] == 2 for result in report["tasks"].values())
+
+
+def test_bad_domain_fails_before_the_model_loads(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no-model"), "--tasks", "domain-ppl", "--domain", "nowhere"]) == 2
+    assert "--domain: Value error, expected 'builtin:NAME'" in capsys.readouterr().err
