@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass of perplexity (default 8)")
     evaluate.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype (a run keeps its own)"
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype (a run keeps its own)"
     )
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     evaluate.add_argument(
         "--domain", help="data.source whose held-out split domain-ppl scores (default: the run's own, else builtin:hpo)"
     )

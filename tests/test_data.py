@@ -150,7 +150,8 @@ def test_instruction_data_pads_with_the_prompt_masked(tmp_path, tiny_chat_tokeni
     blocks = build_splits(config, tiny_chat_tokenizer, seed=0).train
     targets = blocks.labels[0][blocks.labels[0] != IGNORE_INDEX]
     attended = blocks.input_ids[0][blocks.attention_mask[0] == 1]
-    assert tiny_chat_tokenizer.decode(targets).startswith("answer ") and tiny_chat_tokenizer.decode(targets).endswith("<eos>")
+    target_text = tiny_chat_tokenizer.decode(targets)
+    assert target_text.startswith("answer ") and target_text.endswith("<eos>")
     assert tiny_chat_tokenizer.decode(attended).startswith("user: question ")
     assert (blocks.labels[blocks.attention_mask == 0] == IGNORE_INDEX).all()
 

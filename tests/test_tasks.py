@@ -103,10 +103,11 @@ def test_rouge_task_generates_within_the_limit(tmp_path, tiny_chat_tokenizer, ca
 
 
 def test_sample_caps_take_the_smaller(tmp_path, tiny_tokenizer):
+    model = make_tiny_model("llama-gqa")
     config = TaskConfig(name="t", source=write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}] * 9), metric="perplexity")
-    assert configured_task(config, context(tiny_tokenizer, max_samples=4)).score(make_tiny_model("llama-gqa")).samples == 4
+    assert configured_task(config, context(tiny_tokenizer, max_samples=4)).score(model).samples == 4
     config = config.model_copy(update={"max_samples": 2})
-    assert configured_task(config, context(tiny_tokenizer, max_samples=4)).score(make_tiny_model("llama-gqa")).samples == 2
+    assert configured_task(config, context(tiny_tokenizer, max_samples=4)).score(model).samples == 2
 
 
 def test_domain_perplexity_scores_the_held_out_split(tmp_path, tiny_tokenizer):
