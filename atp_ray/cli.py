@@ -22,6 +22,37 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"run finished: {out}  sparsity={summary['sparsity']:.4f}  eval_loss={summary['eval_loss']:.4f}")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from atp_ray.eval_recipe import format_report, run_eval
+    from atp_ray.run_folder import atomic_write_json
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    report = run_eval(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=device,
+        domain=args.domain,
+    )
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out), report)
+        print(f"wrote {args.out}")
+
+
+def _sample_cap(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atp-ray", description="All-in-One Tuning and structural Pruning of LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/<config name>); an unfinished one is resumed")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. atp.sparsity=0.4")
     train.set_defaults(handler=_cmd_train)
+
+    from atp_ray.tasks import BUILTIN_TASKS, DEFAULT_TASKS
+
+    evaluate = commands.add_parser("eval", help="score a model, an ATP run folder or a compressed folder on tasks")
+    evaluate.add_argument(
+        "model", help="hub id, local model folder, embedded:smollm2-135m-instruct, run folder or compressed folder"
+    )
+    evaluate.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated built-in tasks ({', '.join(BUILTIN_TASKS)}) or task YAML paths (default %(default)s)",
+    )
+    evaluate.add_argument(
+        "--max-samples", type=_sample_cap, default=20, help="cap on samples per task, or 'all' (default %(default)s)"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass of perplexity (default 8)")
+    evaluate.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype (a run keeps its own)"
+    )
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    evaluate.add_argument(
+        "--domain", help="data.source whose held-out split domain-ppl scores (default: the run's own, else builtin:hpo)"
+    )
+    evaluate.add_argument("--out", help="write the report as JSON here")
+    evaluate.set_defaults(handler=_cmd_eval)
     return parser
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
@@ -47,12 +47,164 @@ class LoraSettings(_Section):
     )
 
 
+# -- data: where rows come from, how a row becomes tokens -------------------------------
+
+DATA_FILE_FORMATS = ("jsonl", "csv", "parquet")
+TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_]\w*(?:\.\w+)*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{column}`` / ``{column.key}`` references of a row template, in order."""
+    return TEMPLATE_FIELD.findall(template)
+
+
+class HubSource(_Section):
+    """A ``datasets`` dataset: a Hugging Face Hub id, or a local folder ``datasets`` can read.
+
+    These machines cannot reach the hub; point ``name`` at a local folder (one written by
+    ``save_to_disk`` included) to use the same code path offline.
+    """
+
+    kind: Literal["hub"] = "hub"
+    name: str = Field(min_length=1, description="hub dataset id (org/name) or a local dataset folder")
+    subset: str | None = Field(None, description="dataset configuration name, e.g. 'pqa_labeled'")
+    split: str = Field("train", min_length=1, description="split to read, e.g. 'train' or 'test'")
+    revision: str | None = Field(None, description="git revision of a hub dataset (None = default branch)")
+
+
+class FileSource(_Section):
+    """A local data file with one row per line (jsonl), record (csv) or table row (parquet)."""
+
+    kind: Literal["file"] = "file"
+    path: str = Field(min_length=1, description="path to a .jsonl, .csv or .parquet file")
+    format: Literal[DATA_FILE_FORMATS] | None = Field(None, description="file format (None = from the extension)")
+
+
+class BuiltinSource(_Section):
+    """An offline corpus read from an installed package (see ``atp_ray.sources.BUILTIN_SOURCES``)."""
+
+    kind: Literal["builtin"] = "builtin"
+    name: str = Field(min_length=1, description="built-in corpus, e.g. 'hpo', 'icd10cm', 'licences'")
+
+
+Source = Annotated[HubSource | FileSource | BuiltinSource, Field(discriminator="kind")]
+
+# Shorthand strings accepted for ``source``: "builtin:hpo", "hub:org/name", "file:path"
+# (or a bare path ending in a data-file extension). Overrides like data.source=builtin:icd10cm
+# stay one token.
+_SHORTHAND_KEYS = {"builtin": "name", "hub": "name", "file": "path"}
+
+
+def _expand_source(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind, sep, rest = value.partition(":")
+    if sep and kind in _SHORTHAND_KEYS:
+        return {"kind": kind, _SHORTHAND_KEYS[kind]: rest}
+    if value.rsplit(".", 1)[-1].lower() in DATA_FILE_FORMATS:
+        return {"kind": "file", "path": value}
+    raise ValueError(
+        f"expected 'builtin:NAME', 'hub:ORG/NAME', 'file:PATH', a path ending in "
+        f"{', '.join('.' + f for f in DATA_FILE_FORMATS)}, or a mapping with a kind"
+    )
+
+
+class _Templates(_Section):
+    @model_validator(mode="after")
+    def _balanced(self) -> _Templates:
+        for name, value in self:
+            for template in value if isinstance(value, list) else [value]:
+                if isinstance(template, str) and template.count("{") != template.count("}"):
+                    raise ValueError(f"{name}: unbalanced braces in template {template!r}")
+        return self
+
+
+class TextFormat(_Templates):
+    """Plain text for causal LM: every token is a target."""
+
+    kind: Literal["text"] = "text"
+    text: str = Field("{text}", description="row template of the document, e.g. '{title}\\n{body}'")
+
+
+class InstructionFormat(_Templates):
+    """A prompt and its response; only the response is a target."""
+
+    kind: Literal["instruction"] = "instruction"
+    prompt: str = Field(description="row template of the user turn, e.g. '{question}'")
+    response: str = Field(description="row template of the answer the model should give")
+    system: str | None = Field(None, description="row template of a system turn (None = the template's default)")
+    chat_template: bool = Field(True, description="wrap turns in the model's chat template when it has one")
+
+
+class MultipleChoiceFormat(_Templates):
+    """A question with choices; the answer names the right one (index, letter or its text)."""
+
+    kind: Literal["multiple_choice"] = "multiple_choice"
+    question: str = Field(description="row template of the question the choices continue")
+    choices: list[str] | None = Field(
+        None, min_length=2, description="row templates (or fixed words) of the choices, e.g. ['yes', 'no']"
+    )
+    choices_column: str | None = Field(None, description="column holding the list of choices (instead of choices)")
+    answer: str = Field(description="column of the right choice: 0-based index, letter A-Z, or the choice's text")
+    chat_template: bool = Field(True, description="wrap the question in the model's chat template when it has one")
+
+    @model_validator(mode="after")
+    def _one_choice_source(self) -> MultipleChoiceFormat:
+        if (self.choices is None) == (self.choices_column is None):
+            raise ValueError("give exactly one of choices (templates) and choices_column (a list column)")
+        return self
+
+
+Format = Annotated[TextFormat | InstructionFormat | MultipleChoiceFormat, Field(discriminator="kind")]
+
+
 class DataConfig(_Section):
-    source: str = Field("builtin:hpo", description="where the domain text comes from")
+    """Domain data of a run: rows from ``source``, made into tokens by ``format``, then split."""
+
+    source: Source = Field(
+        default_factory=lambda: BuiltinSource(name="hpo"),
+        description="hub / file / builtin mapping, or shorthand 'builtin:hpo', 'hub:org/name', 'file:x.jsonl'",
+    )
+    format: Format = Field(default_factory=TextFormat, description="how a row becomes a training example")
+    layout: Literal["pack", "pad"] | None = Field(
+        None, description="pack examples into full blocks, or pad one per block (None = pack text, pad the rest)"
+    )
     seq_len: int = Field(128, gt=0, description="tokens per training block")
-    max_documents: int | None = Field(None, gt=0, description="cap on documents read (None = all)")
-    calibration_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of blocks for the generator")
-    eval_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of blocks held out for evaluation")
+    max_documents: int | None = Field(None, gt=0, description="cap on rows read, first rows first (None = all)")
+    calibration_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of rows for the generator")
+    eval_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of rows held out for evaluation")
+
+    _expand_source = field_validator("source", mode="before")(staticmethod(_expand_source))
+
+
+# Which task formats each evaluation metric can score.
+METRIC_FORMATS = {
+    "perplexity": ("text", "instruction"),  # instruction: perplexity of the responses only
+    "accuracy": ("multiple_choice",),
+    "rouge": ("instruction",),  # greedy generation from the prompt against the response
+}
+
+
+class TaskConfig(_Section):
+    """An evaluation task: rows from ``source``, read by ``format``, scored by ``metric``."""
+
+    name: str = Field(min_length=1, description="name shown in reports")
+    source: Source = Field(description="as in a run's data.source")
+    format: Format = Field(default_factory=TextFormat, description="as in a run's data.format")
+    metric: Literal[tuple(METRIC_FORMATS)] = Field(description="perplexity, accuracy (multiple choice) or rouge")
+    max_samples: int | None = Field(None, gt=0, description="rows scored, first rows first (None = all)")
+    max_length: int = Field(1024, gt=0, description="tokens per scored sequence; longer ones are cut, with a warning")
+    max_new_tokens: int = Field(128, gt=0, description="length limit of greedy generation (rouge)")
+
+    _expand_source = field_validator("source", mode="before")(staticmethod(_expand_source))
+
+    @model_validator(mode="after")
+    def _metric_fits_format(self) -> TaskConfig:
+        allowed = METRIC_FORMATS[self.metric]
+        if self.format.kind not in allowed:
+            kinds = " or ".join(allowed)
+            raise ValueError(f"metric {self.metric!r} needs a format of kind {kinds}, got {self.format.kind!r}")
+        return self
 
 
 class ATPSettings(_Section):
@@ -160,20 +312,24 @@ def _architecture_problems(path: str, model_type: str | None) -> list[str]:
     return []
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config; raises ConfigError listing every problem."""
+def _read_mapping(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A config as a dict: given directly, or read from a YAML file (ConfigError if not a mapping)."""
     if isinstance(source, dict):
-        raw = dict(source)
-    else:
-        try:
-            raw = yaml.safe_load(Path(source).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"config file not found: {source}"]) from None
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{source}: not valid YAML ({err})"]) from None
+        return dict(source)
+    try:
+        raw = yaml.safe_load(Path(source).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {source}"]) from None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{source}: not valid YAML ({err})"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: expected a mapping of sections, got {type(raw).__name__}"])
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raises ConfigError listing every problem."""
+    raw = apply_overrides(_read_mapping(source), overrides or [])
     problems: list[str] = []
     config = None
     try:
@@ -185,3 +341,12 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def load_task_config(source: str | Path | dict[str, Any]) -> TaskConfig:
+    """Read and validate an evaluation task YAML; raises ConfigError listing every problem."""
+    try:
+        return TaskConfig.model_validate(_read_mapping(source))
+    except ValidationError as err:
+        where = "" if isinstance(source, dict) else f"{source}: "
+        raise ConfigError([where + _describe(e) for e in err.errors()]) from None

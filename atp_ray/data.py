@@ -1,12 +1,18 @@
-"""Domain data for a run: documents -> disjoint splits -> token blocks -> seeded batches.
+"""Domain data for a run: rows -> disjoint splits -> token blocks -> seeded batches.
 
-Splits are made over documents (before packing), so no text is shared between the
-training, calibration and evaluation sets; which document lands where depends only on
-the seed.
+Splits are made over rows (before tokenizing or packing), after dropping duplicate rows,
+so no example is shared between the training, calibration and evaluation sets; which row
+lands where depends only on the seed. Blocks come in one of two layouts: ``pack``
+concatenates examples (EOS-separated) into full blocks, the usual causal-LM layout in which
+attention may cross an example boundary; ``pad`` puts one example per block, right-padded,
+with attention and labels off on the padding. Either way a prompt's tokens are never
+targets (label -100).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,12 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from atp_ray.config import DataConfig
-from atp_ray.corpora import hpo_documents
+from atp_ray.corpora import Row
 from atp_ray.errors import DataError
+from atp_ray.formats import Pair, check_columns, fit_pairs, training_pairs
+from atp_ray.sources import Table, load_table
 
-BUILTIN_CORPORA: dict[str, Callable[[], list[str]]] = {"builtin:hpo": hpo_documents}
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens that are not targets (prompts, padding)
 
 
 @dataclass
@@ -44,43 +55,124 @@ class DomainSplits:
     evaluation: TokenBlocks
 
 
-def load_documents(source: str, max_documents: int | None = None) -> list[str]:
-    """The documents of a data source."""
-    if source not in BUILTIN_CORPORA:
-        raise DataError(f"data.source: unknown source {source!r}; built-in: {', '.join(BUILTIN_CORPORA)}")
-    documents = BUILTIN_CORPORA[source]()
-    if not documents:
-        raise DataError(f"data.source: {source!r} yielded no documents")
-    return documents[:max_documents] if max_documents else documents
+@dataclass
+class TableSplits:
+    train: Table
+    calibration: Table
+    evaluation: Table
 
 
-def pack(documents: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> TokenBlocks:
-    """Concatenate documents (EOS between them) and cut into full blocks for causal LM."""
-    ids: list[int] = []
-    for encoded in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
+# -- rows -> splits ------------------------------------------------------------------------
+
+
+def unique_rows(rows: list[Row]) -> list[Row]:
+    """Rows without exact duplicates (first kept), so a duplicate cannot straddle two splits."""
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        key = json.dumps(row, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    if len(unique) < len(rows):
+        log.info("dropped %d duplicate rows of %d", len(rows) - len(unique), len(rows))
+    return unique
+
+
+def split_table(table: Table, calibration_fraction: float, eval_fraction: float, seed: int) -> TableSplits:
+    """Disjoint evaluation / calibration / train rows (at least one each), from a seeded shuffle."""
+    order = list(range(len(table.rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * eval_fraction))
+    n_calib = max(1, round(len(order) * calibration_fraction))
+    if n_eval + n_calib >= len(order):
+        raise DataError(f"{table.origin}: {len(order)} rows are too few to split into train, calibration, evaluation")
+    bounds = {"evaluation": (0, n_eval), "calibration": (n_eval, n_eval + n_calib), "train": (n_eval + n_calib, None)}
+    return TableSplits(
+        **{
+            name: Table([table.rows[i] for i in order[start:stop]], table.columns, f"{table.origin} ({name} split)")
+            for name, (start, stop) in bounds.items()
+        }
+    )
+
+
+def load_splits(config: DataConfig, seed: int) -> TableSplits:
+    """The rows of each split of a data config; checks up front that the format's columns exist."""
+    table = load_table(config.source, config.max_documents)
+    check_columns(table, config.format)
+    table = Table(unique_rows(table.rows), table.columns, table.origin)
+    return split_table(table, config.calibration_fraction, config.eval_fraction, seed)
+
+
+# -- pairs -> blocks -----------------------------------------------------------------------
+
+
+def _labels(pair: Pair) -> list[int]:
+    return [IGNORE_INDEX] * len(pair.prompt) + pair.continuation
+
+
+def pack(pairs: list[Pair], seq_len: int, pad_id: int, what: str = "examples") -> TokenBlocks:
+    """Concatenate examples and cut into full blocks; blocks without any target are dropped."""
+    del pad_id  # full blocks need no padding
+    ids = [t for p in pairs for t in p.prompt + p.continuation]
+    labels = [t for p in pairs for t in _labels(p)]
     usable = len(ids) // seq_len * seq_len
     if usable == 0:
-        raise DataError(f"not enough text for one block of {seq_len} tokens ({len(ids)} tokens)")
+        raise DataError(f"{what}: not enough text for one block of {seq_len} tokens ({len(ids)} tokens)")
     blocks = torch.tensor(ids[:usable]).view(-1, seq_len)
-    return TokenBlocks(blocks, torch.ones_like(blocks), blocks.clone())
+    targets = torch.tensor(labels[:usable]).view(-1, seq_len)
+    keep = (targets != IGNORE_INDEX).any(dim=1)
+    return TokenBlocks(blocks[keep], torch.ones_like(blocks[keep]), targets[keep])
+
+
+def pad(pairs: list[Pair], seq_len: int, pad_id: int, what: str = "examples") -> TokenBlocks:
+    """One example per block, truncated to ``seq_len`` (with a warning naming ``what``) and right-padded."""
+    pairs = fit_pairs(pairs, seq_len, what)
+    input_ids = torch.full((len(pairs), seq_len), pad_id)
+    attention_mask = torch.zeros((len(pairs), seq_len), dtype=torch.long)
+    labels = torch.full((len(pairs), seq_len), IGNORE_INDEX)
+    for i, pair in enumerate(pairs):
+        n = len(pair.prompt) + len(pair.continuation)
+        input_ids[i, :n] = torch.tensor(pair.prompt + pair.continuation)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(_labels(pair))
+    return TokenBlocks(input_ids, attention_mask, labels)
+
+
+LAYOUTS: dict[str, Callable[[list[Pair], int, int, str], TokenBlocks]] = {"pack": pack, "pad": pad}
+# Plain text packs without waste; a prompt/response example is kept whole in its own block.
+DEFAULT_LAYOUT = {"text": "pack", "instruction": "pad", "multiple_choice": "pad"}
+
+
+def layout_of(config: DataConfig) -> str:
+    """The block layout a data config asks for, or its format's default."""
+    return config.layout or DEFAULT_LAYOUT[config.format.kind]
+
+
+def usable_seq_len(seq_len: int, tokenizer: PreTrainedTokenizerBase) -> int:
+    """``seq_len``, capped (with a warning) at the tokenizer's declared maximum length."""
+    limit = tokenizer.model_max_length
+    if limit < VERY_LARGE_INTEGER and seq_len > limit:  # VERY_LARGE_INTEGER: "no limit declared"
+        log.warning("data.seq_len %d exceeds the model's maximum length %d; using %d", seq_len, limit, limit)
+        return limit
+    return seq_len
+
+
+def encode_table(table: Table, config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TokenBlocks:
+    """Token blocks of a table, in a data config's format and layout."""
+    # Every pair has a target: an answer or a text always ends with the end-of-turn or EOS token.
+    pairs = training_pairs(table, config.format, tokenizer)
+    seq_len = usable_seq_len(config.seq_len, tokenizer)
+    return LAYOUTS[layout_of(config)](pairs, seq_len, tokenizer.pad_token_id, table.origin)
 
 
 def build_splits(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> DomainSplits:
     """Disjoint train / calibration / evaluation blocks, reproducible from ``seed``."""
-    documents = load_documents(config.source, config.max_documents)
-    order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(order) * config.eval_fraction))
-    n_calib = max(1, round(len(order) * config.calibration_fraction))
-    if n_eval + n_calib >= len(order):
-        raise DataError(f"{len(order)} documents are too few to split into train, calibration and evaluation")
-    pick = lambda idx: [documents[i] for i in idx]  # noqa: E731
+    splits = load_splits(config, seed)
     return DomainSplits(
-        evaluation=pack(pick(order[:n_eval]), tokenizer, config.seq_len),
-        calibration=pack(pick(order[n_eval : n_eval + n_calib]), tokenizer, config.seq_len),
-        train=pack(pick(order[n_eval + n_calib :]), tokenizer, config.seq_len),
+        train=encode_table(splits.train, config, tokenizer),
+        calibration=encode_table(splits.calibration, config, tokenizer),
+        evaluation=encode_table(splits.evaluation, config, tokenizer),
     )
 
 

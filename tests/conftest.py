@@ -29,6 +29,52 @@ TINY_MODELS = {
 }
 
 
+# -- a tiny character-level tokenizer that fits the tiny models' vocabulary of 64 --------------
+
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!'-()\n"
+TINY_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+# Each turn is "role: content<eos>"; the generation prompt is "assistant: ".
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def make_tiny_tokenizer(chat_template: bool = False):
+    """One token per (lower-cased) character; ids < 64 so the tiny models can read them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + list(TINY_CHARS))}
+    # BPE without merges and without a pre-tokenizer splits a text into single characters.
+    backend = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_chat_tokenizer():
+    return make_tiny_tokenizer(chat_template=True)
+
+
+@pytest.fixture
+def tiny_chat_model_dir(tmp_path):
+    """A local transformers folder: the tiny GQA Llama with the tiny chat tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    make_tiny_model("llama-gqa").save_pretrained(folder)
+    make_tiny_tokenizer(chat_template=True).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny randomly initialised causal LM in fp32 eval mode."""
     model_cls, config_cls, extra = TINY_MODELS[name]
