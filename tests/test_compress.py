@@ -125,7 +125,8 @@ def test_layers_get_one_query_group_size_each(name):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-mha"])
-def test_generate_with_cache_matches_masked_model(name):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_cache_matches_masked_model(name, cache):
     model = make_tiny_model(name)
     space = PruningSpace.from_config(model.config)
     masks = random_masks(space, seed=4, keep=0.5)
@@ -133,7 +134,8 @@ def test_generate_with_cache_matches_masked_model(name):
     with torch.no_grad(), masked(model, space, masks):
         expected = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
     small, _ = compressed_copy(model, space, masks)
-    assert torch.equal(small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True), expected)
+    tokens = small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, cache_implementation=cache)
+    assert torch.equal(tokens, expected)
 
 
 # -- save and load --------------------------------------------------------------------------
@@ -240,7 +242,9 @@ def test_layer_without_heads_or_channels(tmp_path, name):
     loaded = load_compressed(save_compressed(small, None, record, tmp_path / "small"))
     with torch.no_grad():
         assert_close_logits(loaded(ids).logits, expected)
-    assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True), expected_tokens)
+    for cache in ("dynamic", "static"):
+        tokens = loaded.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+        assert torch.equal(tokens, expected_tokens)
 
 
 def test_kv_heads_without_query_slots_are_dropped():
@@ -293,3 +297,25 @@ def test_cli_compress_reports_errors(tmp_path, capsys):
     (tmp_path / "empty_run").mkdir()
     assert main(["compress", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x")]) == 2
     assert "no finished ATP run" in capsys.readouterr().err
+
+
+# -- the real embedded model ------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_model_compresses_exactly(tmp_path):
+    from atp_ray.embedded import EMBEDDED_MODEL
+    from atp_ray.magnitude import uniform_magnitude_masks
+    from atp_ray.modeling import load_model, load_tokenizer
+
+    model = load_model(EMBEDDED_MODEL)
+    space = PruningSpace.from_config(model.config)
+    masks = uniform_magnitude_masks(model, space, 0.4)
+    ids = load_tokenizer(EMBEDDED_MODEL)("Hypertension is", return_tensors="pt").input_ids
+    expected = masked_logits(model, space, masks, ids)
+    with torch.no_grad(), masked(model, space, masks):
+        expected_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    small, record = compressed_copy(model, space, masks)
+    assert record.params == count_params(model) - space.prunable_params + int(space.kept_params(masks))
+    loaded = load_compressed(save_compressed(small, load_tokenizer(EMBEDDED_MODEL), record, tmp_path / "small"))
+    with torch.no_grad():
+        assert_close_logits(loaded(ids).logits, expected)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False), expected_tokens)

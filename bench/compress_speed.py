@@ -1,0 +1,195 @@
+"""Dense vs compressed: speed, memory and size of the embedded model (fp32) at several sparsities.
+
+    python -m bench.compress_speed [--sparsities 0.2 0.4 0.6] [--threads 2] [--repeats 5]
+
+Masks: ``atp_ray.magnitude.uniform_magnitude_masks`` keeps the same attention shape in
+every layer (the KV-group x query-slot grid closest to the target) and the
+highest-magnitude heads and channels, with the MLP channel count solved so that the
+space's exact parameter accounting lands on the target sparsity (within one channel).
+Each compressed model is saved and loaded back with ``load_compressed``, so the bench
+measures what users load. Timings are interleaved round by round (dense, then each
+compressed model) so background load hits all models alike; a speedup is the median over
+rounds of the same-round time ratio, printed next to its FLOP-count bound (dense FLOPs /
+compressed FLOPs; for prefill every term scales with the batch, so one bound serves both
+batch sizes). Peak memory is measured in a fresh process per model: resident memory at
+the peak of one batch-8 prefill and one decode, above the level before the model loaded.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atp_ray.compress import compress_model, count_params, load_compressed, save_compressed
+from atp_ray.embedded import EMBEDDED_MODEL
+from atp_ray.magnitude import uniform_magnitude_masks
+from atp_ray.modeling import load_model
+from atp_ray.speed import (
+    decode_flops,
+    decode_seconds,
+    interleaved_seconds,
+    memory_in_use,
+    peak_memory,
+    prefill_flops,
+    prefill_seconds,
+    random_tokens,
+    reset_peak_memory,
+)
+from atp_ray.structures import PruningSpace
+
+DENSE = "dense"
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one timing round runs."""
+
+    seq_len: int  # prompt tokens per sequence for prefill, and the decode prompt
+    big_batch: int  # the second prefill batch size (the first is 1)
+    new_tokens: int  # decode steps per decode measurement
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model under test and where it lives on disk (None: the embedded dense model)."""
+
+    name: str
+    model: nn.Module
+    path: Path | None
+
+
+def build_candidates(sparsities: list[float], workdir: Path) -> list[Candidate]:
+    """The dense model and, per sparsity, its compressed copy saved and loaded back."""
+    dense = load_model(EMBEDDED_MODEL)
+    space = PruningSpace.from_config(dense.config)
+    candidates = [Candidate(DENSE, dense, None)]
+    for sparsity in sparsities:
+        small = copy.deepcopy(dense)
+        record = compress_model(small, space, uniform_magnitude_masks(dense, space, sparsity), EMBEDDED_MODEL)
+        path = save_compressed(small, None, record, workdir / f"sparsity-{sparsity}")
+        candidates.append(Candidate(f"{record.sparsity:.0%} sparse", load_compressed(path), path))
+    return candidates
+
+
+def time_rounds(
+    candidates: list[Candidate], make: Callable[[nn.Module], Callable[[], float]], repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    return interleaved_seconds({c.name: make(c.model) for c in candidates}, repeats, warmup)
+
+
+def prefill_measure(batch: int, seq_len: int) -> Callable[[nn.Module], Callable[[], float]]:
+    def make(model: nn.Module) -> Callable[[], float]:
+        ids = random_tokens(model, batch, seq_len)
+        return lambda: prefill_seconds(model, ids)
+
+    return make
+
+
+def decode_measure(seq_len: int, new_tokens: int) -> Callable[[nn.Module], Callable[[], float]]:
+    def make(model: nn.Module) -> Callable[[], float]:
+        ids = random_tokens(model, 1, seq_len)
+        return lambda: decode_seconds(model, ids, new_tokens)
+
+    return make
+
+
+def probe_memory(path: Path | None, threads: int, work: Workload) -> int:
+    """Runs in a fresh process: peak resident bytes of one model serving the workload once."""
+    torch.set_num_threads(threads)
+    before = memory_in_use()
+    model = load_model(EMBEDDED_MODEL) if path is None else load_compressed(path)
+    reset_peak_memory()  # loading's transient copies are not what serving needs
+    prefill_seconds(model, random_tokens(model, work.big_batch, work.seq_len))
+    decode_seconds(model, random_tokens(model, 1, work.seq_len), work.new_tokens)
+    return peak_memory() - before
+
+
+def measure_memory(candidates: list[Candidate], threads: int, work: Workload) -> dict[str, int]:
+    spawn = multiprocessing.get_context("spawn")
+    result = {}
+    for c in candidates:
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            result[c.name] = pool.submit(probe_memory, c.path, threads, work).result()
+    return result
+
+
+def speedups(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Median over rounds of dense time / model time."""
+    return {name: statistics.median(d / t for d, t in zip(samples[DENSE], times)) for name, times in samples.items()}
+
+
+def rate(tokens: int, times: list[float]) -> float:
+    return tokens / statistics.median(times)
+
+
+def table(candidates: list[Candidate], args: argparse.Namespace, work: Workload) -> str:
+    """Measure everything and lay it out as a markdown table."""
+    prefill_bound = {c.name: prefill_flops(c.model, 1, work.seq_len) for c in candidates}
+    decode_bound = {c.name: decode_flops(c.model, 1, work.seq_len) for c in candidates}
+    prefill_1 = time_rounds(candidates, prefill_measure(1, work.seq_len), args.repeats, args.warmup)
+    prefill_b = time_rounds(candidates, prefill_measure(work.big_batch, work.seq_len), args.repeats, args.warmup)
+    decode = time_rounds(candidates, decode_measure(work.seq_len, work.new_tokens), args.repeats, args.warmup)
+    memory = measure_memory(candidates, args.threads, work)
+    speed_1, speed_b, speed_d = speedups(prefill_1), speedups(prefill_b), speedups(decode)
+    dense_pf, dense_df = prefill_bound[DENSE], decode_bound[DENSE]
+    b = work.big_batch
+    lines = [
+        f"| model | params | prefill b1 tok/s | x (bound) | prefill b{b} tok/s | x (bound) "
+        "| decode tok/s | x (bound) | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in candidates:
+        n = c.name
+        lines.append(
+            f"| {n} | {count_params(c.model) / 1e6:.1f}M "
+            f"| {rate(work.seq_len, prefill_1[n]):.0f} | {speed_1[n]:.2f} ({dense_pf / prefill_bound[n]:.2f}) "
+            f"| {rate(b * work.seq_len, prefill_b[n]):.0f} | {speed_b[n]:.2f} ({dense_pf / prefill_bound[n]:.2f}) "
+            f"| {rate(work.new_tokens, decode[n]):.1f} | {speed_d[n]:.2f} ({dense_df / decode_bound[n]:.2f}) "
+            f"| {memory[n] / MiB:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per metric")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per metric")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="the larger prefill batch")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    work = Workload(args.seq_len, args.batch, args.new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidates = build_candidates(args.sparsities, Path(tmp))
+        result = table(candidates, args, work)
+    print(
+        f"SmolLM2-135M fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} threads, prefill {args.seq_len} tokens (logits of the last position), "
+        f"decode {args.new_tokens} tokens after a {args.seq_len}-token prompt, "
+        f"median of {args.repeats} interleaved rounds"
+    )
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
