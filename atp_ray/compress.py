@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
 
 from atp_ray.errors import CompressionError
 from atp_ray.masking import decoder_layers
@@ -165,22 +165,25 @@ def _read_weights(model_dir: Path) -> dict[str, Tensor]:
 
 
 def _fill(model: PreTrainedModel, model_dir: Path) -> None:
-    result = model.load_state_dict(_read_weights(model_dir), strict=False, assign=True)
-    tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
+    try:
+        result = model.load_state_dict(_read_weights(model_dir), strict=False, assign=True)
+    except RuntimeError as err:  # size mismatches: the record and the weights disagree
+        raise CompressionError(f"{model_dir}: weights do not match {COMPRESSION_FILE}: {err}") from err
+    model.tie_weights()
+    empty = [name for name, param in model.named_parameters() if param.is_meta]
+    if empty or result.unexpected_keys:
         raise CompressionError(
             f"{model_dir}: weights do not match {COMPRESSION_FILE} "
-            f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(result.unexpected_keys)[:5]})"
+            f"(missing: {empty[:5]}, unexpected: {sorted(result.unexpected_keys)[:5]})"
         )
-    model.tie_weights()
 
 
 def load_compressed(model_dir: str | Path, dtype: str | None = None) -> PreTrainedModel:
     """A compressed model folder as an ordinary transformers model (the source's class), in eval mode.
 
-    The skeleton is built without initialising weights, shrunk to the recorded widths and
-    filled from the safetensors file(s); ``dtype`` (e.g. "float32") casts after loading.
+    The skeleton's parameters live on the meta device (no memory; buffers such as RoPE
+    tables are real), are shrunk to the recorded widths, then replaced by the tensors of
+    the safetensors file(s); ``dtype`` (e.g. "float32") casts after loading.
     """
     model_dir = Path(model_dir)
     record = read_record(model_dir)
@@ -189,7 +192,7 @@ def load_compressed(model_dir: str | Path, dtype: str | None = None) -> PreTrain
         raise CompressionError(
             f"{model_dir}: config has {config.num_hidden_layers} layers, {COMPRESSION_FILE} {len(record.layers)}"
         )
-    with no_init_weights():
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     for layer, widths in zip(decoder_layers(model), record.layers):
         shrink_layer(layer, KeptUnits.first(widths))

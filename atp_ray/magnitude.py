@@ -61,14 +61,18 @@ def attention_shape(space: PruningSpace, keep: float) -> tuple[int, int]:
     return min(shapes, key=lambda s: (abs(share(s) - keep), -s[0] * s[1]))
 
 
-def mlp_channels_per_layer(space: PruningSpace, keep: float, groups: int, slots: int) -> list[int]:
-    """MLP channels per layer that bring the model's kept fraction to ``keep`` (at least one each)."""
+def mlp_channels_per_layer(space: PruningSpace, keep: float, groups: int, slots: int, multiple: int = 1) -> list[int]:
+    """MLP channels per layer that bring the model's kept fraction to ``keep``.
+
+    Every layer keeps a multiple of ``multiple`` channels (at least one multiple): matrix
+    kernels run faster on aligned widths, at the price of a coarser sparsity step.
+    """
     attention = groups * space.kv_group_params + groups * slots * space.query_head_params
     budget = keep * space.prunable_params - space.num_layers * attention
-    total = round(budget / space.mlp_channel_params)
-    total = min(max(total, space.num_layers), space.num_layers * space.intermediate_size)
-    base, extra = divmod(total, space.num_layers)
-    return [base + (layer < extra) for layer in range(space.num_layers)]
+    blocks = round(budget / (space.mlp_channel_params * multiple))
+    blocks = min(max(blocks, space.num_layers), space.num_layers * (space.intermediate_size // multiple))
+    base, extra = divmod(blocks, space.num_layers)
+    return [(base + (layer < extra)) * multiple for layer in range(space.num_layers)]
 
 
 def _top(scores: Tensor, count: int) -> Tensor:
@@ -77,12 +81,17 @@ def _top(scores: Tensor, count: int) -> Tensor:
     return mask
 
 
-def uniform_magnitude_masks(model: nn.Module, space: PruningSpace, sparsity: float) -> dict[UnitGroup, Tensor]:
-    """A hard mask removing ``sparsity`` of the prunable parameters, lowest-magnitude units first."""
+def uniform_magnitude_masks(
+    model: nn.Module, space: PruningSpace, sparsity: float, channel_multiple: int = 1
+) -> dict[UnitGroup, Tensor]:
+    """A hard mask removing ``sparsity`` of the prunable parameters, lowest-magnitude units first.
+
+    The sparsity is met to within ``channel_multiple`` MLP channels (see mlp_channels_per_layer).
+    """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     groups, slots = attention_shape(space, 1.0 - sparsity)
-    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots)
+    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
     keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
     masks = {}
     for index, layer in enumerate(decoder_layers(model)):

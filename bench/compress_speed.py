@@ -11,8 +11,9 @@ measures what users load. Timings are interleaved round by round (dense, then ea
 compressed model) so background load hits all models alike; a speedup is the median over
 rounds of the same-round time ratio, printed next to its FLOP-count bound (dense FLOPs /
 compressed FLOPs; for prefill every term scales with the batch, so one bound serves both
-batch sizes). Peak memory is measured in a fresh process per model: resident memory at
-the peak of one batch-8 prefill and one decode, above the level before the model loaded.
+batch sizes). Peak memory is measured in fresh processes (median of --memory-probes per model): resident
+memory at the peak of one batch-8 prefill and one decode, above the level before the
+model loaded (weights, KV cache, activations, and the math libraries' own buffers).
 Prints a markdown table.
 """
 
@@ -71,14 +72,15 @@ class Candidate:
     path: Path | None
 
 
-def build_candidates(sparsities: list[float], workdir: Path) -> list[Candidate]:
+def build_candidates(sparsities: list[float], workdir: Path, channel_multiple: int = 1) -> list[Candidate]:
     """The dense model and, per sparsity, its compressed copy saved and loaded back."""
     dense = load_model(EMBEDDED_MODEL)
     space = PruningSpace.from_config(dense.config)
     candidates = [Candidate(DENSE, dense, None)]
     for sparsity in sparsities:
         small = copy.deepcopy(dense)
-        record = compress_model(small, space, uniform_magnitude_masks(dense, space, sparsity), EMBEDDED_MODEL)
+        masks = uniform_magnitude_masks(dense, space, sparsity, channel_multiple)
+        record = compress_model(small, space, masks, EMBEDDED_MODEL)
         path = save_compressed(small, None, record, workdir / f"sparsity-{sparsity}")
         candidates.append(Candidate(f"{record.sparsity:.0%} sparse", load_compressed(path), path))
     return candidates
@@ -117,13 +119,15 @@ def probe_memory(path: Path | None, threads: int, work: Workload) -> int:
     return peak_memory() - before
 
 
-def measure_memory(candidates: list[Candidate], threads: int, work: Workload) -> dict[str, int]:
+def measure_memory(candidates: list[Candidate], threads: int, work: Workload, probes: int) -> dict[str, float]:
+    """Median over ``probes`` fresh processes of each model's peak bytes (allocator noise is tens of MiB)."""
     spawn = multiprocessing.get_context("spawn")
-    result = {}
-    for c in candidates:
-        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            result[c.name] = pool.submit(probe_memory, c.path, threads, work).result()
-    return result
+    samples: dict[str, list[int]] = {c.name: [] for c in candidates}
+    for _ in range(probes):
+        for c in candidates:
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                samples[c.name].append(pool.submit(probe_memory, c.path, threads, work).result())
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def speedups(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -142,7 +146,7 @@ def table(candidates: list[Candidate], args: argparse.Namespace, work: Workload)
     prefill_1 = time_rounds(candidates, prefill_measure(1, work.seq_len), args.repeats, args.warmup)
     prefill_b = time_rounds(candidates, prefill_measure(work.big_batch, work.seq_len), args.repeats, args.warmup)
     decode = time_rounds(candidates, decode_measure(work.seq_len, work.new_tokens), args.repeats, args.warmup)
-    memory = measure_memory(candidates, args.threads, work)
+    memory = measure_memory(candidates, args.threads, work, args.memory_probes)
     speed_1, speed_b, speed_d = speedups(prefill_1), speedups(prefill_b), speedups(decode)
     dense_pf, dense_df = prefill_bound[DENSE], decode_bound[DENSE]
     b = work.big_batch
@@ -172,6 +176,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="the larger prefill batch")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
+    parser.add_argument(
+        "--channel-multiple", type=int, default=1, help="keep MLP widths a multiple of this (aligned kernels)"
+    )
+    parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per model for peak memory")
     return parser.parse_args()
 
 
@@ -180,13 +188,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Workload(args.seq_len, args.batch, args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        candidates = build_candidates(args.sparsities, Path(tmp))
+        candidates = build_candidates(args.sparsities, Path(tmp), args.channel_multiple)
         result = table(candidates, args, work)
     print(
         f"SmolLM2-135M fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads, prefill {args.seq_len} tokens (logits of the last position), "
         f"decode {args.new_tokens} tokens after a {args.seq_len}-token prompt, "
-        f"median of {args.repeats} interleaved rounds"
+        f"median of {args.repeats} interleaved rounds, MLP widths multiple of {args.channel_multiple}"
     )
     print(result)
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import TINY_MODELS, make_tiny_model, random_masks
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -186,18 +187,46 @@ def test_plain_from_pretrained_refuses_compressed_folder(tmp_path):
         AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_load_rejects_plain_folder_and_bad_weights(tmp_path):
+def saved_tiny(tmp_path: Path) -> Path:
     model = make_tiny_model("llama-gqa")
-    model.save_pretrained(tmp_path / "plain")
-    with pytest.raises(CompressionError, match=COMPRESSION_FILE):
-        load_compressed(tmp_path / "plain")
     space = PruningSpace.from_config(model.config)
     small, record = compressed_copy(model, space, random_masks(space, seed=1, keep=0.5))
-    out = save_compressed(small, None, record, tmp_path / "small")
+    return save_compressed(small, None, record, tmp_path / "small")
+
+
+def edit_record(out: Path, edit) -> None:
     data = json.loads((out / COMPRESSION_FILE).read_text())
-    data["layers"] = data["layers"][:1]
+    edit(data)
     (out / COMPRESSION_FILE).write_text(json.dumps(data))
-    with pytest.raises(CompressionError, match="layers"):
+
+
+def test_load_rejects_plain_folder(tmp_path):
+    make_tiny_model("llama-gqa").save_pretrained(tmp_path / "plain")
+    with pytest.raises(CompressionError, match=COMPRESSION_FILE):
+        load_compressed(tmp_path / "plain")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(layers=d["layers"][:1]), "layers"),
+        (lambda d: d["layers"][0].update(mlp_channels=d["layers"][0]["mlp_channels"] + 1), "size mismatch"),
+        (lambda d: d.update(version=99), "version"),
+    ],
+)
+def test_load_rejects_records_that_do_not_match(tmp_path, edit, message):
+    out = saved_tiny(tmp_path)
+    edit_record(out, edit)
+    with pytest.raises(CompressionError, match=message):
+        load_compressed(out)
+
+
+def test_load_rejects_missing_weights(tmp_path):
+    out = saved_tiny(tmp_path)
+    weights = load_file(out / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(CompressionError, match="up_proj"):
         load_compressed(out)
 
 

@@ -16,12 +16,22 @@ def test_sparsity_hits_target_within_one_channel(name, sparsity):
     model = make_tiny_model(name)
     space = PruningSpace.from_config(model.config)
     masks = uniform_magnitude_masks(model, space, sparsity)
-    assert abs(space.sparsity(masks) - sparsity) <= space.mlp_channel_params / space.prunable_params
+    assert abs(space.sparsity(masks) - sparsity) <= 0.5 * space.mlp_channel_params / space.prunable_params
     for kind in (UnitKind.KV_GROUP, UnitKind.QUERY_SLOT):
         kept = {masks[g].sum().item() for g in space.groups if g.kind == kind}
         assert len(kept) <= 1  # every layer has the same attention shape
     channels = [masks[space.group(i, UnitKind.MLP_CHANNEL)].sum().item() for i in range(space.num_layers)]
     assert max(channels) - min(channels) <= 1
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.4])
+def test_aligned_channel_counts(sparsity):
+    model = make_tiny_model("llama-gqa")
+    space = PruningSpace.from_config(model.config)
+    masks = uniform_magnitude_masks(model, space, sparsity, channel_multiple=8)
+    for layer in range(space.num_layers):
+        assert masks[space.group(layer, UnitKind.MLP_CHANNEL)].sum() % 8 == 0
+    assert abs(space.sparsity(masks) - sparsity) <= 4 * space.mlp_channel_params / space.prunable_params
 
 
 def test_keeps_the_largest_units():
