@@ -68,6 +68,7 @@ class HeadlessAttention(nn.Module):
         self.head_dim = head_dim
 
     def forward(self, hidden_states: Tensor, cache: Any = None, **kwargs: Any) -> tuple[Tensor, None]:
+        # transformers before the `cache` rename passes the cache as `past_key_values`.
         cache = cache if cache is not None else kwargs.get("past_key_values")
         if cache is not None:
             batch, seq = hidden_states.shape[:2]

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,25 +88,10 @@ def build_candidates(sparsities: list[float], workdir: Path, channel_multiple: i
 
 
 def time_rounds(
-    candidates: list[Candidate], make: Callable[[nn.Module], Callable[[], float]], repeats: int, warmup: int
+    candidates: list[Candidate], measure: Callable[..., float], *args: object, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    return interleaved_seconds({c.name: make(c.model) for c in candidates}, repeats, warmup)
-
-
-def prefill_measure(batch: int, seq_len: int) -> Callable[[nn.Module], Callable[[], float]]:
-    def make(model: nn.Module) -> Callable[[], float]:
-        ids = random_tokens(model, batch, seq_len)
-        return lambda: prefill_seconds(model, ids)
-
-    return make
-
-
-def decode_measure(seq_len: int, new_tokens: int) -> Callable[[nn.Module], Callable[[], float]]:
-    def make(model: nn.Module) -> Callable[[], float]:
-        ids = random_tokens(model, 1, seq_len)
-        return lambda: decode_seconds(model, ids, new_tokens)
-
-    return make
+    """Seconds of ``measure(model, *args)`` per candidate, interleaved round by round."""
+    return interleaved_seconds({c.name: partial(measure, c.model, *args) for c in candidates}, repeats, warmup)
 
 
 def probe_memory(path: Path | None, threads: int, work: Workload) -> int:
@@ -135,35 +121,51 @@ def speedups(samples: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(d / t for d, t in zip(samples[DENSE], times)) for name, times in samples.items()}
 
 
-def rate(tokens: int, times: list[float]) -> float:
-    return tokens / statistics.median(times)
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity of one model: a rate, its speedup over dense and the FLOP bound."""
+
+    rate: float
+    speedup: float
+    bound: float
+
+    def cells(self, digits: int) -> str:
+        return f"{self.rate:.{digits}f} | {self.speedup:.2f} ({self.bound:.2f})"
 
 
-def table(candidates: list[Candidate], args: argparse.Namespace, work: Workload) -> str:
-    """Measure everything and lay it out as a markdown table."""
+def metrics(tokens: int, samples: dict[str, list[float]], flops: dict[str, int]) -> dict[str, Metric]:
+    speedup = speedups(samples)
+    return {
+        name: Metric(tokens / statistics.median(times), speedup[name], flops[DENSE] / flops[name])
+        for name, times in samples.items()
+    }
+
+
+def measure(candidates: list[Candidate], args: argparse.Namespace, work: Workload) -> dict[str, dict[str, Metric]]:
+    """Prefill at batch 1 and ``work.big_batch``, and decode: one Metric per model each."""
+    dense = candidates[0].model
+    rounds = {"repeats": args.repeats, "warmup": args.warmup}
+    one, big = random_tokens(dense, 1, work.seq_len), random_tokens(dense, work.big_batch, work.seq_len)
+    # Every FLOP term of a prefill scales with the batch, so the batch-1 bound serves both.
     prefill_bound = {c.name: prefill_flops(c.model, 1, work.seq_len) for c in candidates}
     decode_bound = {c.name: decode_flops(c.model, 1, work.seq_len) for c in candidates}
-    prefill_1 = time_rounds(candidates, prefill_measure(1, work.seq_len), args.repeats, args.warmup)
-    prefill_b = time_rounds(candidates, prefill_measure(work.big_batch, work.seq_len), args.repeats, args.warmup)
-    decode = time_rounds(candidates, decode_measure(work.seq_len, work.new_tokens), args.repeats, args.warmup)
-    memory = measure_memory(candidates, args.threads, work, args.memory_probes)
-    speed_1, speed_b, speed_d = speedups(prefill_1), speedups(prefill_b), speedups(decode)
-    dense_pf, dense_df = prefill_bound[DENSE], decode_bound[DENSE]
-    b = work.big_batch
-    lines = [
-        f"| model | params | prefill b1 tok/s | x (bound) | prefill b{b} tok/s | x (bound) "
-        "| decode tok/s | x (bound) | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    return {
+        "prefill b1": metrics(work.seq_len, time_rounds(candidates, prefill_seconds, one, **rounds), prefill_bound),
+        f"prefill b{work.big_batch}": metrics(
+            work.big_batch * work.seq_len, time_rounds(candidates, prefill_seconds, big, **rounds), prefill_bound
+        ),
+        "decode": metrics(
+            work.new_tokens, time_rounds(candidates, decode_seconds, one, work.new_tokens, **rounds), decode_bound
+        ),
+    }
+
+
+def markdown(candidates: list[Candidate], results: dict[str, dict[str, Metric]], memory: dict[str, float]) -> str:
+    header = "| model | params | " + " | ".join(f"{k} tok/s | x (bound)" for k in results) + " | peak MiB |"
+    lines = [header, "|---|" + "---:|" * (2 * len(results) + 2)]
     for c in candidates:
-        n = c.name
-        lines.append(
-            f"| {n} | {count_params(c.model) / 1e6:.1f}M "
-            f"| {rate(work.seq_len, prefill_1[n]):.0f} | {speed_1[n]:.2f} ({dense_pf / prefill_bound[n]:.2f}) "
-            f"| {rate(b * work.seq_len, prefill_b[n]):.0f} | {speed_b[n]:.2f} ({dense_pf / prefill_bound[n]:.2f}) "
-            f"| {rate(work.new_tokens, decode[n]):.1f} | {speed_d[n]:.2f} ({dense_df / decode_bound[n]:.2f}) "
-            f"| {memory[n] / MiB:.0f} |"
-        )
+        cells = " | ".join(results[k][c.name].cells(1 if k == "decode" else 0) for k in results)
+        lines.append(f"| {c.name} | {count_params(c.model) / 1e6:.1f}M | {cells} | {memory[c.name] / MiB:.0f} |")
     return "\n".join(lines)
 
 
@@ -189,14 +191,15 @@ def main() -> None:
     work = Workload(args.seq_len, args.batch, args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         candidates = build_candidates(args.sparsities, Path(tmp), args.channel_multiple)
-        result = table(candidates, args, work)
+        results = measure(candidates, args, work)
+        memory = measure_memory(candidates, args.threads, work, args.memory_probes)
     print(
         f"SmolLM2-135M fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads, prefill {args.seq_len} tokens (logits of the last position), "
         f"decode {args.new_tokens} tokens after a {args.seq_len}-token prompt, "
         f"median of {args.repeats} interleaved rounds, MLP widths multiple of {args.channel_multiple}"
     )
-    print(result)
+    print(markdown(candidates, results, memory))
 
 
 if __name__ == "__main__":
