@@ -53,6 +53,16 @@ def _sample_cap(value: str) -> int | None:
     return int(value)
 
 
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from atp_ray.compress import compress_run
+
+    record = compress_run(args.run_dir, args.out)
+    print(
+        f"compressed model: {args.out}  params={record.params:,} (dense {record.dense_params:,})  "
+        f"sparsity={record.sparsity:.4f}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atp-ray", description="All-in-One Tuning and structural Pruning of LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/<config name>); an unfinished one is resumed")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. atp.sparsity=0.4")
     train.set_defaults(handler=_cmd_train)
+
+    compress = commands.add_parser("compress", help="merge a finished run's LoRA and cut its pruned units out")
+    compress.add_argument("run_dir", help="a finished run folder (holds mask.json and adapter/)")
+    compress.add_argument("--out", required=True, help="new model folder (must not exist or be empty)")
+    compress.set_defaults(handler=_cmd_compress)
 
     from atp_ray.tasks import BUILTIN_TASKS, DEFAULT_TASKS
 

@@ -24,3 +24,7 @@ class RunFolderError(ATPRayError):
 
 class DataError(ATPRayError):
     """A dataset is missing, empty, malformed or does not fit the task asked of it."""
+
+
+class CompressionError(ATPRayError):
+    """A model cannot be compressed as asked, or a folder is not a loadable compressed model."""

@@ -1,0 +1,103 @@
+"""Magnitude importance of prunable units, and uniform per-layer masks at an exact sparsity.
+
+A unit's score is the L2 norm of every weight it owns (the rows and columns that
+compression would remove with it), as in LLM-Pruner's magnitude criterion. The uniform
+mask keeps the same attention shape in every layer (the KV-group x query-slot grid
+whose kept share of attention parameters is closest to the target) and then solves for
+the number of MLP channels that brings the whole model to the target sparsity, to within
+one channel. Used for benchmarks and as a one-shot baseline mask.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from atp_ray.masking import decoder_layers
+from atp_ray.structures import PruningSpace, UnitGroup, UnitKind
+
+
+def _head_sq(weight: Tensor, heads: int, head_dim: int, dim: int) -> Tensor:
+    """Sum of squares per head of a projection, heads laid out along ``dim``."""
+    w = weight.float().pow(2)
+    w = w if dim == 0 else w.t()
+    return w.reshape(heads, head_dim, -1).sum(dim=(1, 2))
+
+
+@torch.no_grad()
+def layer_scores(layer: nn.Module, space: PruningSpace) -> dict[UnitKind, Tensor]:
+    """L2 norms of the weights each unit of one decoder layer owns (biases left out)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    d, q, kv = space.head_dim, space.num_heads, space.num_kv_heads
+    query = _head_sq(attn.q_proj.weight, q, d, 0) + _head_sq(attn.o_proj.weight, q, d, 1)
+    grid = query.reshape(kv, space.queries_per_group)  # [group, slot]
+    kv_own = _head_sq(attn.k_proj.weight, kv, d, 0) + _head_sq(attn.v_proj.weight, kv, d, 0)
+    channel = (
+        mlp.gate_proj.weight.float().pow(2).sum(1)
+        + mlp.up_proj.weight.float().pow(2).sum(1)
+        + mlp.down_proj.weight.float().pow(2).sum(0)
+    )
+    return {
+        UnitKind.KV_GROUP: (kv_own + grid.sum(1)).sqrt(),
+        UnitKind.QUERY_SLOT: grid.sum(0).sqrt(),
+        UnitKind.MLP_CHANNEL: channel.sqrt(),
+    }
+
+
+def attention_shape(space: PruningSpace, keep: float) -> tuple[int, int]:
+    """(KV groups, query slots) to keep per layer: kept share of attention params closest to ``keep``.
+
+    Ties go to the shape with more query heads.
+    """
+    total = space.num_kv_heads * space.kv_group_params + space.num_heads * space.query_head_params
+
+    def share(shape: tuple[int, int]) -> float:
+        groups, slots = shape
+        return (groups * space.kv_group_params + groups * slots * space.query_head_params) / total
+
+    shapes = itertools.product(range(1, space.num_kv_heads + 1), range(1, space.queries_per_group + 1))
+    return min(shapes, key=lambda s: (abs(share(s) - keep), -s[0] * s[1]))
+
+
+def mlp_channels_per_layer(space: PruningSpace, keep: float, groups: int, slots: int, multiple: int = 1) -> list[int]:
+    """MLP channels per layer that bring the model's kept fraction to ``keep``.
+
+    Every layer keeps a multiple of ``multiple`` channels (at least one multiple): matrix
+    kernels run faster on aligned widths, at the price of a coarser sparsity step.
+    """
+    attention = groups * space.kv_group_params + groups * slots * space.query_head_params
+    budget = keep * space.prunable_params - space.num_layers * attention
+    blocks = round(budget / (space.mlp_channel_params * multiple))
+    blocks = min(max(blocks, space.num_layers), space.num_layers * (space.intermediate_size // multiple))
+    base, extra = divmod(blocks, space.num_layers)
+    return [(base + (layer < extra)) * multiple for layer in range(space.num_layers)]
+
+
+def _top(scores: Tensor, count: int) -> Tensor:
+    mask = torch.zeros_like(scores)
+    mask[scores.topk(count).indices] = 1.0
+    return mask
+
+
+def uniform_magnitude_masks(
+    model: nn.Module, space: PruningSpace, sparsity: float, channel_multiple: int = 1
+) -> dict[UnitGroup, Tensor]:
+    """A hard mask removing ``sparsity`` of the prunable parameters, lowest-magnitude units first.
+
+    The sparsity is met to within ``channel_multiple`` MLP channels (see mlp_channels_per_layer).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    groups, slots = attention_shape(space, 1.0 - sparsity)
+    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
+    keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
+    masks = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        scores = layer_scores(layer, space)
+        for kind, count in {**keep, UnitKind.MLP_CHANNEL: channels[index]}.items():
+            group = space.group(index, kind)
+            if group is not None:  # no query slots without GQA
+                masks[group] = _top(scores[kind], count)
+    return masks
