@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ class CompressionRecord:
     dense_params: int
     params: int
     layers: tuple[LayerWidths, ...]
+    # The run it was cut from, when known: its data config and seed, so that evaluation can
+    # score the compressed model on the very held-out split its run never trained on.
+    training_data: dict[str, Any] | None = None
+    seed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
@@ -145,8 +149,10 @@ def save_compressed(
 def compress_run(run_dir: str | Path, out: str | Path) -> CompressionRecord:
     """Merge a finished run's LoRA, cut its pruned units and save the model with its tokenizer."""
     model, space, masks = load_run_model(run_dir)
-    source = RunFolder(Path(run_dir)).read_config()["model"]["path"]
+    config = RunFolder(Path(run_dir)).read_config()
+    source = config["model"]["path"]
     record = compress_model(model, space, masks, source_model=source)
+    record = replace(record, training_data=config.get("data"), seed=config.get("train", {}).get("seed"))
     save_compressed(model, load_tokenizer(source), record, out)
     return record
 

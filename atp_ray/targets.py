@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from atp_ray.compress import is_compressed, load_compressed, read_record
 from atp_ray.config import DataConfig, TrainConfig, load_config
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_run_model, load_tokenizer, resolve_model_path
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import Masks, PruningSpace
-
-COMPRESSION_FILE = "compression.json"  # written by atp_ray.compress into every compressed folder
 
 
 @dataclass
@@ -106,10 +105,13 @@ def _load_run(path: str, dtype: str) -> EvalTarget:
 
 
 def _load_compressed(path: str, dtype: str) -> EvalTarget:
-    from atp_ray.compress import load_compressed  # lazily: optional until compression ships
-
     model = load_compressed(path, dtype)
-    return EvalTarget("compressed", model, load_tokenizer(path), parameter_count(model), folder_bytes(Path(path)))
+    target = EvalTarget("compressed", model, load_tokenizer(path), parameter_count(model), folder_bytes(Path(path)))
+    record = read_record(path)
+    if record.training_data is not None:  # score the held-out split of the run it came from
+        target.data = DataConfig.model_validate(record.training_data)
+        target.seed = record.seed
+    return target
 
 
 def _is_run(path: str) -> bool:
@@ -117,13 +119,9 @@ def _is_run(path: str) -> bool:
     return folder.config.is_file() and folder.mask.is_file()
 
 
-def _is_compressed(path: str) -> bool:
-    return (Path(path) / COMPRESSION_FILE).is_file()
-
-
 TARGET_KINDS: tuple[tuple[Callable[[str], bool], Callable[[str, str], EvalTarget]], ...] = (
     (_is_run, _load_run),
-    (_is_compressed, _load_compressed),
+    (is_compressed, _load_compressed),
     (lambda _path: True, _load_dense),
 )
 

@@ -31,6 +31,7 @@ from atp_ray.formats import (
     training_pairs,
 )
 from atp_ray.sources import Table, load_table
+from atp_ray.speed import decode_seconds, median_seconds, prefill_seconds, random_tokens
 
 
 @dataclass
@@ -77,6 +78,34 @@ def domain_perplexity(ctx: TaskContext) -> PreparedTask:
     held_out = load_splits(ctx.data, ctx.seed).evaluation
     blocks = _first_blocks(encode_table(held_out, ctx.data, ctx.tokenizer), ctx.max_samples)
     return PreparedTask("domain-ppl", "perplexity", partial(perplexity, blocks=blocks, batch_size=ctx.batch_size))
+
+
+# -- speed -------------------------------------------------------------------------------------
+
+# Prompt and generation lengths of the latency task: a typical short-prompt serving request.
+LATENCY_PROMPT_TOKENS = 256
+LATENCY_NEW_TOKENS = 32
+LATENCY_REPEATS = 3
+
+
+def _latency_score(model: nn.Module) -> Score:
+    ids = random_tokens(model, 1, LATENCY_PROMPT_TOKENS)
+    prefill = median_seconds(lambda: prefill_seconds(model, ids), LATENCY_REPEATS)
+    decode = median_seconds(lambda: decode_seconds(model, ids, LATENCY_NEW_TOKENS), LATENCY_REPEATS)
+    return Score(
+        {"prefill_ms": 1000 * prefill, "decode_tokens_per_s": LATENCY_NEW_TOKENS / decode},
+        samples=LATENCY_REPEATS,
+    )
+
+
+def latency(ctx: TaskContext) -> PreparedTask:
+    """Batch-1 latency: prefill of a 256-token prompt (ms) and greedy decode speed (tokens/s), medians of 3.
+
+    Wall-clock numbers of the model as loaded: a masked run still computes its cut units,
+    so only a compressed folder shows the speed a pruned model really has.
+    """
+    del ctx  # random prompts: nothing to prepare
+    return PreparedTask("latency", "latency", _latency_score)
 
 
 # -- tasks from a TaskConfig, by metric -----------------------------------------------------
@@ -143,8 +172,9 @@ BUILTIN_TASKS: dict[str, TaskBuilder] = {
     "domain-ppl": domain_perplexity,
     "hpo-term": partial(configured_task, HPO_TERM),
     "icd10-chapter": partial(configured_task, ICD10_CHAPTER),
+    "latency": latency,
 }
-DEFAULT_TASKS = ("domain-ppl", "hpo-term", "icd10-chapter")
+DEFAULT_TASKS = ("domain-ppl", "hpo-term", "icd10-chapter", "latency")
 
 
 def resolve_tasks(specs: list[str]) -> list[TaskBuilder]:

@@ -31,7 +31,9 @@ def test_eval_dense_folder_prints_a_table_and_writes_json(tiny_chat_model_dir, t
     assert report["kind"] == "dense"
     assert report["parameters"] == sum(p.numel() for p in load_model(str(tiny_chat_model_dir)).parameters())
     assert report["disk_bytes"] > 0
-    assert set(report["tasks"]) == {"domain-ppl", "hpo-term", "icd10-chapter"}
+    assert set(report["tasks"]) == {"domain-ppl", "hpo-term", "icd10-chapter", "latency"}
+    latency = report["tasks"].pop("latency")
+    assert latency["values"]["prefill_ms"] > 0 and latency["values"]["decode_tokens_per_s"] > 0
     for result in report["tasks"].values():
         assert result["samples"] == 2 and result["values"]
     printed = capsys.readouterr().out
@@ -92,3 +94,18 @@ def test_eval_embedded_model(tmp_path):
 def test_bad_domain_fails_before_the_model_loads(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "no-model"), "--tasks", "domain-ppl", "--domain", "nowhere"]) == 2
     assert "--domain: Value error, expected 'builtin:NAME'" in capsys.readouterr().err
+
+
+def test_compressed_folder_scores_like_its_masked_run(run_dir, tmp_path):
+    """The compressed model is the masked one, smaller: same held-out perplexity, fewer parameters."""
+    compressed = tmp_path / "compressed"
+    assert main(["compress", str(run_dir.root), "--out", str(compressed)]) == 0
+    reports = {}
+    for name, path in (("run", run_dir.root), ("compressed", compressed)):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(path), "--tasks", "domain-ppl,latency", "--max-samples", "all", "--out", str(out)]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert reports["compressed"]["kind"] == "compressed"
+    run_ppl = reports["run"]["tasks"]["domain-ppl"]["values"]["perplexity"]
+    assert reports["compressed"]["tasks"]["domain-ppl"]["values"]["perplexity"] == pytest.approx(run_ppl, rel=1e-4)
+    assert reports["compressed"]["parameters"] <= reports["run"]["parameters"]
