@@ -105,36 +105,12 @@ def random_masks(space, seed: int = 0, keep: float = 0.6):
     return masks
 
 
-def build_tiny_tokenizer(folder, texts: list[str], vocab_size: int = 256):
-    """A small byte-level BPE tokenizer trained on ``texts`` and saved to ``folder``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    core.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A saved tiny Llama (GQA) with a tokenizer trained on HPO text: a complete local model folder."""
-    from atp_ray.corpora import hpo_documents
-
+    """A saved tiny Llama (GQA) with the character tokenizer: a complete local model folder, shared by a session."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_tokenizer(folder, hpo_documents()[:2000])
-    model_cls, config_cls, extra = TINY_MODELS["llama-gqa"]
-    torch.manual_seed(0)
-    config = config_cls(**{**TINY, **extra, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
-    model_cls(config).save_pretrained(folder)
+    make_tiny_model("llama-gqa").save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODELS, make_tiny_model, random_masks
+from conftest import TINY, TINY_MODELS, make_tiny_model, make_tiny_tokenizer, random_masks
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import atp_ray
 from atp_ray.cli import main
@@ -26,6 +25,7 @@ from atp_ray.compress import (
     read_record,
     save_compressed,
 )
+from atp_ray.config import ALL_PROJECTIONS
 from atp_ray.errors import CompressionError
 from atp_ray.masking import masked
 from atp_ray.modeling import load_run_model
@@ -33,28 +33,16 @@ from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace, UnitKind
 from atp_ray.surgery import HeadlessAttention
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VOCAB = 64  # conftest's tiny vocabulary
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny models' 64 ids, built locally."""
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-
-
 def build_run(root: Path, name: str, masks_for=lambda space: random_masks(space, seed=3, keep=0.5)) -> Path:
     """A finished-looking run folder: base model on disk, a non-trivial LoRA adapter, a mask."""
     model = make_tiny_model(name)
     base = root / "base"
     model.save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    make_tiny_tokenizer().save_pretrained(base)
     run = RunFolder(root / "run")
     run.root.mkdir()
     run.config.write_text(yaml.safe_dump({"model": {"path": str(base), "dtype": "float32"}}))
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=PROJECTIONS))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
     with torch.no_grad():
         for param_name, param in peft_model.named_parameters():
             if "lora_B" in param_name:
@@ -66,7 +54,7 @@ def build_run(root: Path, name: str, masks_for=lambda space: random_masks(space,
 
 
 def input_ids(batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(7))
 
 
 def assert_close_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -144,7 +132,7 @@ def test_save_load_round_trip(tmp_path, tiny_model):
     space = PruningSpace.from_config(tiny_model.config)
     masks = random_masks(space, seed=5, keep=0.5)
     small, record = compressed_copy(tiny_model, space, masks)
-    out = save_compressed(small, tiny_tokenizer(), record, tmp_path / "small")
+    out = save_compressed(small, make_tiny_tokenizer(), record, tmp_path / "small")
     loaded = atp_ray.load_compressed(out)
     assert type(loaded) is type(tiny_model)
     assert read_record(out) == record
