@@ -88,6 +88,7 @@ def test_eval_embedded_model(tmp_path):
     assert main(["eval", "embedded:smollm2-135m-instruct", "--max-samples", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["parameters"] == 134_515_008
+    assert report["tasks"].pop("latency")["values"]["decode_tokens_per_s"] > 0
     assert all(result["samples"] == 2 for result in report["tasks"].values())
 
 
