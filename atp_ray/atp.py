@@ -37,7 +37,7 @@ from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_tokenizer
 from atp_ray.process import ProcessContext
-from atp_ray.run_folder import RunFolder, atomic_write_json
+from atp_ray.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
 from atp_ray.structures import Masks, PruningSpace, UnitGroup
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class ATPRecipe:
             )
         if self.context.is_main:
             folder.root.mkdir(parents=True, exist_ok=True)
-            folder.config.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_bytes(folder.config, yaml.safe_dump(resolved, sort_keys=False).encode())
 
     def _resume(self) -> None:
         state = self.folder.load_checkpoint()

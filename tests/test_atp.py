@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -127,3 +128,11 @@ def test_finished_run_folder_is_not_overwritten(tiny_model_dir, tmp_path):
     run_atp(load_config(raw), tmp_path / "run")
     with pytest.raises(RunFolderError, match="finished run"):
         run_atp(load_config(raw), tmp_path / "run")
+
+
+def test_bf16_autocast_run(tiny_model_dir, tmp_path):
+    """train.precision=bf16 runs the forward passes under bf16 autocast (on the CPU here)."""
+    raw = tiny_run_config(tiny_model_dir, train={"steps": 4, "precision": "bf16"})
+    summary = run_atp(load_config(raw), tmp_path / "run")
+    rows = _rows(RunFolder(tmp_path / "run"))
+    assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(summary["eval_loss"])
