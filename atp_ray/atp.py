@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from atp_ray.config import RunConfig
-from atp_ray.data import BatchStream, TokenBlocks, build_splits
+from atp_ray.data import BatchStream, build_splits
 from atp_ray.errors import RunFolderError
+from atp_ray.evaluate import perplexity
 from atp_ray.generator import PruningGenerator, detach_masks
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
@@ -322,17 +323,11 @@ class ATPRecipe:
 
     @torch.no_grad()
     def _evaluate(self, masks: Masks) -> float:
-        """Mean task loss of the masked, tuned model on held-out blocks."""
+        """Mean target-token loss of the masked, tuned model on the first held-out blocks."""
         self.model.eval()
-        blocks: TokenBlocks = self.eval_blocks
-        count = min(len(blocks), FINAL_EVAL_BLOCKS)
-        losses = []
-        for start in range(0, count, self.config.train.batch_size):
-            index = torch.arange(start, min(count, start + self.config.train.batch_size))
-            batch = self._to_device(blocks.select(index))
-            with self.autocast(), masked(self.model, self.space, masks):
-                losses.append(float(self.model(**batch).loss) * len(index))
-        return sum(losses) / count
+        blocks = self.eval_blocks.head(FINAL_EVAL_BLOCKS)
+        with self.autocast(), masked(self.model, self.space, masks):
+            return perplexity(self.model, blocks, self.config.train.batch_size).values["loss"]
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}

@@ -80,11 +80,6 @@ def hpo_rows() -> list[Row]:
     return rows
 
 
-def hpo_documents() -> list[str]:
-    """One short document per HPO term: 'Term: definition' (the ``text`` column of :func:`hpo_rows`)."""
-    return [row["text"] for row in hpo_rows()]
-
-
 # -- ICD-10-CM ---------------------------------------------------------------------------
 
 

@@ -44,6 +44,10 @@ class TokenBlocks:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def head(self, n: int | None) -> TokenBlocks:
+        """The first ``n`` blocks (all when None)."""
+        return TokenBlocks(self.input_ids[:n], self.attention_mask[:n], self.labels[:n])
+
     def select(self, index: Tensor) -> dict[str, Tensor]:
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "labels": self.labels[index]}
 

@@ -18,8 +18,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from atp_ray.config import TEMPLATE_FIELD, Format, InstructionFormat, MultipleChoiceFormat, TextFormat, template_fields
-from atp_ray.errors import DataError
 from atp_ray.corpora import Row
+from atp_ray.errors import DataError
 from atp_ray.sources import Table
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,14 +18,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(path: str) -> str:
     """The folder or hub id that transformers should load for a ``model.path`` value."""
     return str(embedded_model_path()) if path == EMBEDDED_MODEL else path
-
-
-def local_model_type(path: str) -> str | None:
-    """model_type from a local folder's config.json; None for hub ids (not readable offline)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text()).get("model_type")
 
 
 def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:

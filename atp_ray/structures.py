@@ -131,10 +131,6 @@ class PruningSpace:
                 return g
         return None
 
-    @property
-    def num_units(self) -> int:
-        return sum(g.size for g in self.groups)
-
     # -- parameter accounting ------------------------------------------------------------
     @property
     def kv_group_params(self) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from atp_ray.config import DataConfig, MultipleChoiceFormat, TaskConfig, load_task_config
-from atp_ray.data import TokenBlocks, encode_table, load_splits, pad
+from atp_ray.data import encode_table, load_splits, pad
 from atp_ray.errors import ConfigError
 from atp_ray.evaluate import Score, generation_rouge, multiple_choice_accuracy, perplexity
 from atp_ray.formats import (
@@ -69,14 +69,10 @@ def _cap(*limits: int | None) -> int | None:
 # -- held-out domain perplexity ------------------------------------------------------------
 
 
-def _first_blocks(blocks: TokenBlocks, n: int | None) -> TokenBlocks:
-    return TokenBlocks(blocks.input_ids[:n], blocks.attention_mask[:n], blocks.labels[:n])
-
-
 def domain_perplexity(ctx: TaskContext) -> PreparedTask:
     """Perplexity on the evaluation split of the domain data: rows a run with this data and seed never trained on."""
     held_out = load_splits(ctx.data, ctx.seed).evaluation
-    blocks = _first_blocks(encode_table(held_out, ctx.data, ctx.tokenizer), ctx.max_samples)
+    blocks = encode_table(held_out, ctx.data, ctx.tokenizer).head(ctx.max_samples)
     return PreparedTask("domain-ppl", "perplexity", partial(perplexity, blocks=blocks, batch_size=ctx.batch_size))
 
 

@@ -29,7 +29,6 @@ def test_hpo_rows_are_term_and_definition():
     assert len(rows) > 10_000
     hypertension = next(r for r in rows if r["term"] == "Hypertension")
     assert hypertension["text"] == f"Hypertension: {hypertension['definition']}"
-    assert corpora.hpo_documents()[:3] == [r["text"] for r in rows[:3]]
     assert "systemic arterial" in hypertension["definition"] and '"' not in hypertension["definition"]
     assert not any(r["term"].startswith("obsolete") for r in rows)
 
