@@ -5,6 +5,7 @@ Needs Debian's `chromium` (scripts/test.sh installs it) and the `playwright` Pyt
 (dev extra), which drives that browser; Playwright's own browser downloads are never used.
 """
 
+import os
 import shutil
 
 import pytest
@@ -19,12 +20,23 @@ FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/test.sh installs it)")
+
+def _missing(what: str) -> None:
+    # scripts/test.sh installs the browser and sets ATP_RAY_REQUIRE_BROWSER: there, fail loudly.
+    message = f"{what} (scripts/test.sh installs chromium; playwright is in the dev extra)"
+    if os.environ.get("ATP_RAY_REQUIRE_BROWSER"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    if CHROMIUM is None:
+        _missing("chromium is not installed")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("the playwright package is not installed")
     with sync_api.sync_playwright() as p:
         # A persistent context owns its fresh --user-data-dir, as the flags above require.
         context = p.chromium.launch_persistent_context(
