@@ -157,6 +157,7 @@ class DeepSpeedZero:
         self.owns_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
 
     def build_model(self, load_base: Callable[[], nn.Module], lora: LoraConfig) -> nn.Module:
+        _init_deepspeed_comm()
         # The engine moves the model to its device; ZeRO-3 has partitioned it while loading.
         return get_peft_model(load_base(), lora)
 
@@ -219,6 +220,7 @@ class Zero3(DeepSpeedZero):
     def build_model(self, load_base: Callable[[], nn.Module], lora: LoraConfig) -> nn.Module:
         from transformers.integrations import HfDeepSpeedConfig
 
+        _init_deepspeed_comm()  # zero.Init partitions over the process group while loading
         # Held while loading: transformers sees ZeRO-3 and builds each layer under zero.Init.
         self._hf_config = HfDeepSpeedConfig(self.ds_config)
         model = get_peft_model(load_base(), lora)
@@ -235,6 +237,13 @@ class Zero3(DeepSpeedZero):
         return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
 
 
+def _init_deepspeed_comm() -> None:
+    """DeepSpeed's view of the process group the launcher (Ray Train) already initialised."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 when asked, or on 'auto' where the GPU supports it."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -249,7 +258,6 @@ def strategy_from_config(config: RunConfig, context: ProcessContext) -> Strategy
     ds_config = deepspeed_config(
         micro_batch_size=train.batch_size,
         accumulation_steps=dist.gradient_accumulation_steps,
-        world_size=context.world_size,
         max_grad_norm=train.max_grad_norm,
         bf16=use_bf16(train.precision, context.device),
         offload_optimizer=dist.offload_optimizer,
@@ -269,7 +277,6 @@ def deepspeed_config(
     *,
     micro_batch_size: int,
     accumulation_steps: int,
-    world_size: int,
     max_grad_norm: float,
     bf16: bool,
     offload_optimizer: bool = False,
@@ -285,7 +292,6 @@ def deepspeed_config(
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
-        "train_batch_size": micro_batch_size * accumulation_steps * world_size,
         "gradient_clipping": max_grad_norm,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
