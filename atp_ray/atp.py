@@ -242,7 +242,8 @@ class ATPRecipe:
                 task_loss = self.model(**batch).loss
             # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
             # the lasso reads the same rows and columns as on one process.
-            lasso = lora_group_lasso(self.model, self.space, masks)
+            with self.strategy.whole_params(self.lora_params):
+                lasso = lora_group_lasso(self.model, self.space, masks)
             self.strategy.backward(task_loss.float() + lasso_weight * lasso)
             task_losses.append(task_loss.item())
         self.strategy.step()  # average, clip, optimizer and scheduler step

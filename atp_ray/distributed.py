@@ -114,7 +114,11 @@ def run_distributed(
         user_callbacks = list(callbacks or []) + ([_ReportCallback(report)] if report else [])
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": config.to_dict(), "run_dir": str(run_dir), "hooks": asdict(hooks or DebugHooks())},
+            train_loop_config={
+                "config": config.to_dict(),
+                "run_dir": str(run_dir),
+                "hooks": asdict(hooks or DebugHooks()),
+            },
             torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
             scaling_config=scaling_config(config),
             run_config=ray.train.RunConfig(
@@ -209,9 +213,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     context = ProcessContext.current("cuda" if config.distributed.use_gpu else "cpu")
     folder = RunFolder(run_dir)
-    summary = run_atp(
-        config, run_dir, context, checkpoints=RayCheckpoints(folder, context), on_step=_step_hook(hooks, context, run_dir)
-    )
+    checkpoints = RayCheckpoints(folder, context)
+    summary = run_atp(config, run_dir, context, checkpoints=checkpoints, on_step=_step_hook(hooks, context, run_dir))
     # The finished run folder, once more through storage: the driver may be on another node.
     with tempfile.TemporaryDirectory(prefix="atp-final-") as tmp:
         checkpoint = None
@@ -223,8 +226,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 elif source.is_file():
                     shutil.copy2(source, Path(tmp) / name)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": summary["steps"], **_numbers(summary), "done": 1}, checkpoint=checkpoint,
-                         checkpoint_dir_name="final")
+        metrics = {"step": summary["steps"], **_numbers(summary), "done": 1}
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ def _unreachable(path: str, err: Exception) -> ModelNotFoundError:
     if path.startswith((".", "/", "~")):
         return ModelNotFoundError(f"model path {path!r}: no such model folder")
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ModelNotFoundError(f"model.path: cannot load {path!r}: not a local model folder, and the hub says: {first_line}")
+    return ModelNotFoundError(
+        f"model.path: cannot load {path!r}: not a local model folder, and the hub says: {first_line}"
+    )
 
 
 def check_model_reachable(path: str) -> None:

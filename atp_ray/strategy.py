@@ -30,7 +30,7 @@ import contextlib
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,7 +107,9 @@ class DataParallel:
     def build_model(self, load_base: Callable[[], nn.Module], lora: LoraConfig) -> nn.Module:
         return get_peft_model(load_base(), lora).to(self.context.device)
 
-    def prepare(self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    def prepare(
+        self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> None:
         self.model, self.params, self.optimizer, self.scheduler = model, params, optimizer, scheduler
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -161,7 +163,9 @@ class DeepSpeedZero:
         # The engine moves the model to its device; ZeRO-3 has partitioned it while loading.
         return get_peft_model(load_base(), lora)
 
-    def prepare(self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    def prepare(
+        self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> None:
         import deepspeed
 
         self.model, self.params = model, params
@@ -212,7 +216,7 @@ class Zero3(DeepSpeedZero):
     gradients. DeepSpeed keeps a parameter whole on every rank when it has fewer elements
     than ``stage3_param_persistence_threshold``; we raise that threshold above the largest
     LoRA matrix, so LoRA (tiny next to the base) is never partitioned while the base
-    weights are. ``whole_params`` gathers anything partitioned anyway (a read-only view).
+    weights are. ``whole_params`` gathers any LoRA weight found partitioned anyway.
     """
 
     stage = 3
@@ -231,10 +235,21 @@ class Zero3(DeepSpeedZero):
             log.info("ZeRO-3: persistence threshold raised to %d so LoRA matrices stay whole", largest + 1)
         return model
 
-    def whole_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-        import deepspeed
+    @contextlib.contextmanager
+    def whole_params(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Gather any LoRA weight found partitioned, and leave it whole (it is persistent).
 
-        return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
+        Persistent parameters are whole between steps, but an engine checkpoint load or save
+        partitions every parameter and re-gathers only those it tracks; seen here: after a
+        resume and the next save, LoRA came back partitioned. Every rank is in the same
+        state, so every rank makes the same (collective) gather call or none.
+        """
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        missing = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        if missing:
+            missing[0].all_gather(param_list=missing)
+        yield
 
 
 def _init_deepspeed_comm() -> None:

@@ -19,7 +19,15 @@ from conftest import tiny_run_config
 
 from atp_ray.atp import run_atp
 from atp_ray.config import load_config
-from atp_ray.distributed import MASK_TRACE_DIR, RESUMES_FILE, DebugHooks, DistributedRunError, check_cluster, preflight, run_distributed
+from atp_ray.distributed import (
+    MASK_TRACE_DIR,
+    RESUMES_FILE,
+    DebugHooks,
+    DistributedRunError,
+    check_cluster,
+    preflight,
+    run_distributed,
+)
 from atp_ray.run_folder import RunFolder
 
 
@@ -83,7 +91,8 @@ def test_two_workers_survive_a_failure_and_agree_on_every_mask(strategy, ray_loc
     resumes = [json.loads(line)["step"] for line in (out / RESUMES_FILE).read_text().splitlines()]
     assert resumes == [10]  # restored from the last checkpoint before the failure, not from step 0
     rows = _rows(folder)
-    assert [r["step"] for r in rows] == [5, 10, 15, 20] and [r["phase"] for r in rows] == ["control", "control", "frozen", "frozen"]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert [r["phase"] for r in rows] == ["control", "control", "frozen", "frozen"]
 
     traces = [_trace(folder, 0), _trace(folder, 1)]
     for trace in traces:
@@ -129,15 +138,16 @@ def _zero3_lasso_worker(loop_config: dict) -> None:
     recipe = ATPRecipe(config, Path(loop_config["out"]), ProcessContext.current("cpu"))
     recipe.setup()
     weights = torch.load(loop_config["weights"], weights_only=True)
-    partitioned = [p.ds_numel != p.numel() for p in recipe.lora_params if hasattr(p, "ds_numel")]
-    with torch.no_grad():
-        for name, param in recipe.model.named_parameters():
-            if param.requires_grad:
-                param.copy_(weights[name])
     masks = recipe.space.masks_from_dict(loop_config["masks"])
-    value = float(lora_group_lasso(recipe.model, recipe.space, masks))
+    with recipe.strategy.whole_params(recipe.lora_params):  # as the recipe's LoRA step computes it
+        whole = all(p.numel() == p.ds_numel for p in recipe.lora_params)
+        with torch.no_grad():
+            for name, param in recipe.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(weights[name])
+        value = float(lora_group_lasso(recipe.model, recipe.space, masks))
     base_sharded = any(p.numel() == 0 for p in recipe.model.parameters() if not p.requires_grad)
-    ray.train.report({"lasso": value, "lora_partitioned": any(partitioned), "base_sharded": base_sharded})
+    ray.train.report({"lasso": value, "lora_whole": whole, "base_sharded": base_sharded})
 
 
 @pytest.mark.slow  # measured: 110 s here (2 cores, shared)
@@ -177,7 +187,7 @@ def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_pat
         run_config=TrainRunConfig(name="lasso", storage_path=str(tmp_path / "storage")),
     )
     metrics = trainer.fit().metrics
-    assert metrics["base_sharded"] and not metrics["lora_partitioned"]
+    assert metrics["base_sharded"] and metrics["lora_whole"]
     assert metrics["lasso"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -199,8 +209,10 @@ def test_cli_bad_distributed_input_exits_2(tiny_model_dir, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir)))
     result = subprocess.run(
-        [sys.executable, "-m", "atp_ray.cli", "train", "--config", str(config_file), "--workers", "0",
-         "--out", str(tmp_path / "run"), "atp.sparsity", "train.steps=-3"],
+        [
+            *(sys.executable, "-m", "atp_ray.cli", "train", "--config", str(config_file)),
+            *("--workers", "0", "--out", str(tmp_path / "run"), "atp.sparsity", "train.steps=-3"),
+        ],
         capture_output=True,
         text=True,
     )
