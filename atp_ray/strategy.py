@@ -210,13 +210,16 @@ class Zero2(DeepSpeedZero):
 
 @register("zero3")
 class Zero3(DeepSpeedZero):
-    """ZeRO-3: the frozen base weights are sharded too; LoRA weights are kept whole.
+    """ZeRO-3: the frozen base weights are sharded too; LoRA weights are read whole.
 
     The group lasso reads rows and columns of every LoRA matrix in every step, with
-    gradients. DeepSpeed keeps a parameter whole on every rank when it has fewer elements
-    than ``stage3_param_persistence_threshold``; we raise that threshold above the largest
-    LoRA matrix, so LoRA (tiny next to the base) is never partitioned while the base
-    weights are. ``whole_params`` gathers any LoRA weight found partitioned anyway.
+    gradients, outside any module's forward (where ZeRO-3 would gather them). DeepSpeed
+    keeps a parameter whole on every rank when it has fewer elements than
+    ``stage3_param_persistence_threshold``; we raise that threshold above the largest LoRA
+    matrix. That alone was not enough here (LoRA, added by peft after ``zero.Init``, was
+    found partitioned after setup and after a checkpoint load), so ``whole_params``, which
+    the recipe wraps around the lasso and the adapter save, gathers any LoRA weight found
+    partitioned. LoRA is tiny next to the base, so gathering it costs little.
     """
 
     stage = 3
@@ -237,12 +240,10 @@ class Zero3(DeepSpeedZero):
 
     @contextlib.contextmanager
     def whole_params(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Gather any LoRA weight found partitioned, and leave it whole (it is persistent).
+        """Gather any LoRA weight found partitioned; ZeRO-3 partitions it again when it releases it.
 
-        Persistent parameters are whole between steps, but an engine checkpoint load or save
-        partitions every parameter and re-gathers only those it tracks; seen here: after a
-        resume and the next save, LoRA came back partitioned. Every rank is in the same
-        state, so every rank makes the same (collective) gather call or none.
+        Every rank is in the same state, so every rank makes the same (collective) gather
+        call or none.
         """
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
