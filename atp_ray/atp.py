@@ -20,25 +20,26 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from atp_ray.config import RunConfig
 from atp_ray.data import BatchStream, build_splits
-from atp_ray.errors import RunFolderError
 from atp_ray.evaluate import perplexity
 from atp_ray.generator import PruningGenerator, detach_masks
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_tokenizer
-from atp_ray.process import ProcessContext
+from atp_ray.process import CheckpointStore, FolderCheckpoints, ProcessContext
 from atp_ray.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
+from atp_ray.strategy import strategy_from_config, use_bf16
 from atp_ray.structures import Masks, PruningSpace, UnitGroup
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,25 @@ log = logging.getLogger(__name__)
 FINAL_EVAL_BLOCKS = 32
 
 
-def run_atp(config: RunConfig, run_dir: str | Path, context: ProcessContext | None = None) -> dict[str, Any]:
-    """Run (or resume) ATP into ``run_dir``; returns the run summary."""
-    recipe = ATPRecipe(config, Path(run_dir), context or ProcessContext.current(config.train.device))
+StepHook = Callable[[int, Masks, dict[str, float]], None]
+
+
+def run_atp(
+    config: RunConfig,
+    run_dir: str | Path,
+    context: ProcessContext | None = None,
+    *,
+    checkpoints: CheckpointStore | None = None,
+    on_step: StepHook | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ATP into ``run_dir``; returns the run summary.
+
+    ``context`` is this process's place in a distributed run (default: one process);
+    ``checkpoints`` where resumable state goes (default: ``checkpoint.pt`` in the run
+    folder); ``on_step(step, masks, metrics)`` is called after every step on every rank.
+    """
+    context = context or ProcessContext.current(config.train.device)
+    recipe = ATPRecipe(config, Path(run_dir), context, checkpoints=checkpoints, on_step=on_step)
     recipe.setup()
     recipe.train()
     return recipe.save()
@@ -58,10 +75,20 @@ def run_atp(config: RunConfig, run_dir: str | Path, context: ProcessContext | No
 class ATPRecipe:
     """The state of one ATP run and its three stages."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, context: ProcessContext):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        context: ProcessContext,
+        *,
+        checkpoints: CheckpointStore | None = None,
+        on_step: StepHook | None = None,
+    ):
         self.config = config
         self.folder = RunFolder(run_dir)
         self.context = context
+        self.checkpoints = checkpoints or FolderCheckpoints(self.folder, context)
+        self.on_step = on_step
         self.device = context.device
         self.target_kept = 1.0 - config.atp.sparsity
         self.control_steps = max(1, math.ceil(config.train.steps * config.atp.control_fraction))
@@ -80,8 +107,7 @@ class ATPRecipe:
         )
         self.eval_blocks = splits.evaluation
 
-        base = load_model(cfg.model.path, cfg.model.dtype)
-        self.space = PruningSpace.from_config(base.config)
+        self.strategy = strategy_from_config(cfg, self.context)
         lora = LoraConfig(
             r=cfg.lora.rank,
             lora_alpha=cfg.lora.alpha,
@@ -89,7 +115,8 @@ class ATPRecipe:
             target_modules=cfg.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(base, lora).to(self.device)
+        self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
+        self.space = PruningSpace.from_config(self.model.config)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         self.generator = PruningGenerator(
             self.space, width=cfg.atp.generator_width, temperature=cfg.atp.temperature, base=cfg.atp.base
@@ -100,7 +127,10 @@ class ATPRecipe:
         )
         self.generator_optimizer = torch.optim.AdamW(self.generator.parameters(), lr=cfg.atp.generator_lr)
         self.lora_scheduler = torch.optim.lr_scheduler.LambdaLR(self.lora_optimizer, self._lora_lr_factor)
-        self.autocast = functools.partial(_autocast, cfg.train.precision, self.device)
+        self.strategy.prepare(self.model, self.lora_params, self.lora_optimizer, self.lora_scheduler)
+        # bf16 has one owner: the strategy's engine when it casts the model, else autocast here.
+        precision = "fp32" if self.strategy.owns_bf16 else cfg.train.precision
+        self.autocast = functools.partial(_autocast, precision, self.device)
 
         self.step = 0
         self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = None
@@ -112,27 +142,20 @@ class ATPRecipe:
 
     def _prepare_folder(self) -> None:
         folder = self.folder
-        if folder.is_finished():
-            raise RunFolderError(f"{folder.root} holds a finished run; choose another --out")
         resolved = self.config.to_dict()
-        if folder.config.is_file() and folder.read_config() != resolved:
-            raise RunFolderError(
-                f"{folder.root} holds a run with a different config; resume it with the same "
-                f"config, or choose another --out (saved config: {folder.config})"
-            )
+        folder.check_can_run(resolved)
         if self.context.is_main:
             folder.root.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder.config, yaml.safe_dump(resolved, sort_keys=False).encode())
 
     def _resume(self) -> None:
-        state = self.folder.load_checkpoint()
-        if state is None:
-            return
-        set_peft_model_state_dict(self.model, state["lora"])
+        with self.checkpoints.restore() as restored:
+            if restored is None:
+                return
+            state, shards = restored
+            self.strategy.load(state, shards)
         self.generator.load_state_dict(state["generator"])
-        self.lora_optimizer.load_state_dict(state["lora_optimizer"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
-        self.lora_scheduler.load_state_dict(state["lora_scheduler"])
         self.step = state["step"]
         self.steps_within_tolerance = state["steps_within_tolerance"]
         self.freeze_step = state["freeze_step"] if state["freeze_step"] >= 0 else None
@@ -141,6 +164,8 @@ class ATPRecipe:
                 g: m.to(self.device) for g, m in self.space.masks_from_dict(state["frozen_masks"]).items()
             }
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         log.info("resumed %s at step %d", self.folder.root, self.step)
 
     # -- train -------------------------------------------------------------------------
@@ -158,6 +183,8 @@ class ATPRecipe:
             masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
             metrics |= self._lora_step(masks)
             self.step += 1
+            if self.on_step is not None:
+                self.on_step(self.step, masks, metrics)
             if self.frozen_masks is None:
                 self._maybe_freeze()
             window.append(metrics)
@@ -173,7 +200,7 @@ class ATPRecipe:
     def _generator_step(self) -> dict[str, float]:
         """One generator update on a calibration batch; LLM and LoRA stay frozen."""
         self.generator.train()
-        _set_requires_grad(self.lora_params, False)
+        self.model.eval()  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
         noise = torch.Generator(device=self.device).manual_seed(self._noise_seed(0))
         masks = self.generator(noise)
         batch = self._to_device(self.calibration_stream.batch(self.step))
@@ -182,12 +209,16 @@ class ATPRecipe:
         kept = self.space.kept_fraction(masks)
         ratio = ratio_loss(kept, self.target_kept)
         loss = task_loss.float() + self.config.atp.ratio_weight * ratio
-        self.generator_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.context.average_gradients(self.generator.parameters())
-        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.config.train.max_grad_norm)
+        # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
+        # it and must not see it toggled) and gets no .grad from this pass.
+        params = list(self.generator.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        self.context.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
         self.generator_optimizer.step()
-        _set_requires_grad(self.lora_params, True)
+        self.generator_optimizer.zero_grad(set_to_none=True)
         return {"generator_loss": task_loss.item(), "ratio_loss": ratio.item()}
 
     def _sample_masks(self) -> dict[UnitGroup, torch.Tensor]:
@@ -201,21 +232,23 @@ class ATPRecipe:
     def _lora_step(self, masks: Masks) -> dict[str, float]:
         """One LoRA update on a training batch: task loss + weighted group lasso."""
         self.model.train()
-        batch = self._to_device(self.train_stream.batch(self.step))
-        with self.autocast(), masked(self.model, self.space, masks):
-            task_loss = self.model(**batch).loss
-        lasso = lora_group_lasso(self.model, self.space, masks)
         lasso_weight = self._lasso_weight()
-        loss = task_loss.float() + lasso_weight * lasso
-        self.lora_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.context.average_gradients(self.lora_params)
-        torch.nn.utils.clip_grad_norm_(self.lora_params, self.config.train.max_grad_norm)
-        self.lora_optimizer.step()
         lr = self.lora_scheduler.get_last_lr()[0]
-        self.lora_scheduler.step()
+        accumulation = self.config.distributed.gradient_accumulation_steps
+        task_losses = []
+        for micro in range(accumulation):
+            batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
+            with self.autocast(), masked(self.model, self.space, masks):
+                task_loss = self.model(**batch).loss
+            # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
+            # the lasso reads the same rows and columns as on one process.
+            with self.strategy.whole_params(self.lora_params):
+                lasso = lora_group_lasso(self.model, self.space, masks)
+            self.strategy.backward(task_loss.float() + lasso_weight * lasso)
+            task_losses.append(task_loss.item())
+        self.strategy.step()  # average, clip, optimizer and scheduler step
         metrics = {
-            "loss": task_loss.item(),
+            "loss": sum(task_losses) / accumulation,
             "sparsity": self.space.sparsity(masks),
             "group_lasso": lasso.item(),
             "lasso_weight": lasso_weight,
@@ -273,23 +306,23 @@ class ATPRecipe:
             f.write(json.dumps(row) + "\n")
 
     def _checkpoint(self) -> None:
-        if not self.context.is_main:
-            return
-        frozen = self.space.masks_to_dict(self.frozen_masks) if self.frozen_masks is not None else {}
-        self.folder.save_checkpoint(
-            {
+        """Every rank calls this: a sharded (ZeRO) save is collective; rank 0 writes the rest."""
+        state = None
+        if self.context.is_main:
+            frozen = self.space.masks_to_dict(self.frozen_masks) if self.frozen_masks is not None else {}
+            state = {
                 "step": self.step,
-                "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
+                **self.strategy.state_dict(),
                 "generator": self.generator.state_dict(),
-                "lora_optimizer": self.lora_optimizer.state_dict(),
                 "generator_optimizer": self.generator_optimizer.state_dict(),
-                "lora_scheduler": self.lora_scheduler.state_dict(),
                 "steps_within_tolerance": self.steps_within_tolerance,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,
                 "frozen_masks": frozen,
                 "rng": torch.get_rng_state(),
             }
-        )
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        self.checkpoints.save(self.step, state, self.strategy.save_shards)
 
     # -- save --------------------------------------------------------------------------
     def save(self) -> dict[str, Any]:
@@ -306,9 +339,11 @@ class ATPRecipe:
             "eval_loss": eval_loss,
             "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         }
+        with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3
+            if self.context.is_main:
+                self._save_adapter()
         if self.context.is_main:
             self.folder.write_mask(self.space, {g: m.cpu() for g, m in masks.items()})
-            self._save_adapter()
             save_file({k: v.contiguous().cpu() for k, v in self.generator.state_dict().items()}, self.folder.generator)
             atomic_write_json(self.folder.summary, summary)
             self.folder.checkpoint.unlink(missing_ok=True)
@@ -333,17 +368,9 @@ class ATPRecipe:
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
-def _set_requires_grad(params: list[torch.nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)
-
-
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast when asked, or on 'auto' where the GPU supports it; else a no-op."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
+    if not use_bf16(precision, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

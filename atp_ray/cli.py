@@ -12,13 +12,31 @@ from atp_ray.errors import ATPRayError
 log = logging.getLogger("atp_ray")
 
 
+def _distributed_overrides(args: argparse.Namespace) -> list[str]:
+    """The train flags as config overrides, so the config check reports them with everything else."""
+    flags = []
+    if args.workers is not None:
+        flags.append(f"distributed.workers={args.workers}")
+    if args.strategy is not None:
+        flags.append(f"distributed.strategy={args.strategy}")
+    if args.gpus_per_worker is not None:
+        flags += ["distributed.use_gpu=true", f"distributed.gpus_per_worker={args.gpus_per_worker}"]
+    return flags
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
-    from atp_ray.atp import run_atp
     from atp_ray.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + _distributed_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summary = run_atp(config, out)
+    if config.distributed.workers is None:
+        from atp_ray.atp import run_atp
+
+        summary = run_atp(config, out)
+    else:
+        from atp_ray.distributed import run_distributed
+
+        summary = run_distributed(config, out, address=args.address)
     print(f"run finished: {out}  sparsity={summary['sparsity']:.4f}  eval_loss={summary['eval_loss']:.4f}")
 
 
@@ -72,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="run config YAML (see configs/)")
     train.add_argument("--out", help="run folder (default runs/<config name>); an unfinished one is resumed")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. atp.sparsity=0.4")
+    train.add_argument(
+        "--workers", type=int, help="run on N Ray Train workers (distributed.workers); without it: one process"
+    )
+    train.add_argument(
+        "--gpus-per-worker", type=float, help="GPUs per worker (sets distributed.use_gpu and gpus_per_worker)"
+    )
+    train.add_argument("--strategy", choices=["ddp", "zero2", "zero3"], help="distributed.strategy")
+    train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
     train.set_defaults(handler=_cmd_train)
 
     compress = commands.add_parser("compress", help="merge a finished run's LoRA and cut its pruned units out")

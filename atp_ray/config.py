@@ -8,6 +8,7 @@ parameters removed (0 keeps everything); the engine works with the kept fraction
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -227,6 +228,17 @@ class ATPSettings(_Section):
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")
 
+    @model_validator(mode="after")
+    def _ramp_after_control(self) -> ATPSettings:
+        # The lasso ramp drives the LoRA of cut units to zero: while the mask still moves,
+        # it would push on units that may come back.
+        if self.control_fraction + self.lasso_ramp_fraction > 1 + 1e-9:
+            raise ValueError(
+                "control_fraction + lasso_ramp_fraction must be at most 1 (the lasso ramp starts after "
+                f"the mask freezes), got {self.control_fraction} + {self.lasso_ramp_fraction}"
+            )
+        return self
+
 
 class TrainConfig(_Section):
     steps: int = Field(200, gt=0, description="optimizer steps of the whole run")
@@ -245,6 +257,43 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
 
 
+STRATEGY_NAMES = ("ddp", "zero2", "zero3")
+
+
+class DistributedConfig(_Section):
+    """One run sharded over Ray Train workers (``workers`` unset: one process, no Ray)."""
+
+    workers: int | None = Field(None, gt=0, description="Ray Train workers (None = one process, no Ray)")
+    strategy: Literal[STRATEGY_NAMES] = Field(
+        "ddp", description="ddp (whole model per worker), zero2 (DeepSpeed ZeRO-2) or zero3 (base weights sharded too)"
+    )
+    use_gpu: bool = Field(False, description="one or more GPUs per worker (NCCL), else CPU workers (gloo)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs Ray reserves for each worker when use_gpu")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="PACK workers onto few nodes, or SPREAD them over many"
+    )
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
+    checkpoints_to_keep: int = Field(2, gt=0, description="latest Ray Train checkpoints kept in storage")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage: folder, NFS path, s3:// or gs:// URI (None = <run folder>/ray)"
+    )
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON file merged over the one we build")
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="ZeRO-3: keep sharded base weights in CPU memory")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches of train.batch_size per LoRA step")
+
+    @model_validator(mode="after")
+    def _options_fit_strategy(self) -> DistributedConfig:
+        if self.strategy == "ddp" and (self.offload_optimizer or self.offload_params or self.deepspeed_config):
+            raise ValueError("offload_optimizer, offload_params and deepspeed_config need strategy zero2 or zero3")
+        if self.offload_params and self.strategy != "zero3":
+            raise ValueError(f"offload_params needs strategy zero3 (got {self.strategy!r})")
+        if self.strategy != "ddp" and self.workers is None:
+            raise ValueError(f"strategy {self.strategy!r} runs on Ray Train: set workers (--workers N)")
+        return self
+
+
 class RunConfig(_Section):
     """One ATP run: what to prune, on what data, how."""
 
@@ -253,6 +302,7 @@ class RunConfig(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     atp: ATPSettings = Field(default_factory=ATPSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -265,19 +315,34 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``section.key=value`` pairs on a raw config dict; values are parsed as YAML."""
+    problems = _apply_overrides(raw, overrides)
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply every well-formed override; return one problem per malformed one (the rest still apply)."""
+    problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError([f"override {item!r}: expected dotted.key=value"])
-        node = raw
+            problems.append(f"override {item!r}: expected dotted.key=value")
+            continue
         *parents, leaf = key.split(".")
+        node = raw
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError([f"override {item!r}: {part} is not a section"])
+                problems.append(f"override {item!r}: {part} is not a section")
+                break
             node = child
-        node[leaf] = yaml.safe_load(value)
-    return raw
+        else:
+            try:
+                node[leaf] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                problems.append(f"override {item!r}: value is not valid YAML")
+    return problems
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -302,6 +367,30 @@ def model_path_problems(path: Any) -> list[str]:
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         return [f"model.path: no such folder, and not a hub id (got {path!r})"]
     return []  # a hub id: checked when loaded (these machines cannot reach the hub)
+
+
+def _file_problems(raw: dict[str, Any]) -> list[str]:
+    """Missing local files a config names (a data file, a DeepSpeed JSON), seen even when other fields are wrong."""
+    problems = []
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    try:
+        source = _expand_source(data.get("source"))
+    except ValueError:
+        source = None  # reported by validation
+    if isinstance(source, dict) and source.get("kind") == "file" and isinstance(source.get("path"), str):
+        if not Path(source["path"]).expanduser().is_file():
+            problems.append(f"data.source.path: no such file (got {source['path']!r})")
+    dist = raw.get("distributed") if isinstance(raw.get("distributed"), dict) else {}
+    ds_file = dist.get("deepspeed_config")
+    if isinstance(ds_file, str):
+        try:
+            if not isinstance(json.loads(Path(ds_file).expanduser().read_text()), dict):
+                problems.append(f"distributed.deepspeed_config: not a JSON object (got {ds_file!r})")
+        except FileNotFoundError:
+            problems.append(f"distributed.deepspeed_config: no such file (got {ds_file!r})")
+        except json.JSONDecodeError as err:
+            problems.append(f"distributed.deepspeed_config: not valid JSON ({err}) (got {ds_file!r})")
+    return problems
 
 
 def _architecture_problems(path: str, model_type: str | None) -> list[str]:
@@ -329,8 +418,8 @@ def _read_mapping(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; raises ConfigError listing every problem."""
-    raw = apply_overrides(_read_mapping(source), overrides or [])
-    problems: list[str] = []
+    raw = _read_mapping(source)
+    problems = _apply_overrides(raw, overrides or [])
     config = None
     try:
         config = RunConfig.model_validate(raw)
@@ -338,6 +427,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         problems += [_describe(e) for e in err.errors()]
     model = raw.get("model")
     problems += model_path_problems(model.get("path") if isinstance(model, dict) else None)
+    problems += _file_problems(raw)
     if problems:
         raise ConfigError(problems)
     return config

@@ -28,3 +28,7 @@ class DataError(ATPRayError):
 
 class CompressionError(ATPRayError):
     """A model cannot be compressed as asked, or a folder is not a loadable compressed model."""
+
+
+class ModelNotFoundError(ATPRayError):
+    """A model path names no local model folder and no model the hub (or its cache) can give."""

@@ -50,13 +50,15 @@ def lora_group_lasso(model: nn.Module, space: PruningSpace, masks: Masks, adapte
     head in every group; an MLP channel owns its lora_B rows of gate/up and lora_A column
     of down_proj. Kept units and projections without LoRA contribute nothing.
     """
-    total = torch.zeros(())
+    # Zeros on the masks' device: projections without LoRA must not add CPU tensors on a GPU.
+    device = next(iter(masks.values())).device
+    total = torch.zeros((), device=device)
     for index, layer in enumerate(decoder_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
         kv_mask = space.kv_head_mask(masks, index).detach()
         heads = _total(
             [_row_squares(attn.q_proj, adapter, space.num_heads), _column_squares(attn.o_proj, adapter, space.num_heads)],
-            torch.zeros(space.num_heads),
+            torch.zeros(space.num_heads, device=device),
         ).reshape(space.num_kv_heads, space.queries_per_group)
         kv = _total(
             [_row_squares(attn.k_proj, adapter, space.num_kv_heads), _row_squares(attn.v_proj, adapter, space.num_kv_heads)],

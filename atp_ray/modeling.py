@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from huggingface_hub.errors import HFValidationError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.embedded import EMBEDDED_MODEL, embedded_model_path
-from atp_ray.errors import RunFolderError
+from atp_ray.errors import ModelNotFoundError, RunFolderError
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace, UnitGroup, check_supported
 
@@ -20,16 +21,39 @@ def resolve_model_path(path: str) -> str:
     return str(embedded_model_path()) if path == EMBEDDED_MODEL else path
 
 
+def _unreachable(path: str, err: Exception) -> ModelNotFoundError:
+    if path.startswith((".", "/", "~")):
+        return ModelNotFoundError(f"model path {path!r}: no such model folder")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelNotFoundError(
+        f"model.path: cannot load {path!r}: not a local model folder, and the hub says: {first_line}"
+    )
+
+
+def check_model_reachable(path: str) -> None:
+    """Read the model's config (local folder, hub or cache) now, so a bad path fails before any work."""
+    try:
+        AutoConfig.from_pretrained(resolve_model_path(path))
+    except (OSError, HFValidationError) as err:
+        raise _unreachable(path, err) from None
+
+
 def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
     """A causal LM of a supported architecture, in ``dtype``, on the CPU, in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
+    except (OSError, HFValidationError) as err:
+        raise _unreachable(path, err) from None
     check_supported(model.config.model_type)
     return model.eval()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model, with a pad token (the EOS token when it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    except (OSError, HFValidationError) as err:
+        raise _unreachable(path, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -6,14 +6,18 @@ recipe runs unchanged on N workers once a launcher (Ray Train) has initialised o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from atp_ray.errors import ATPRayError
+from atp_ray.run_folder import RunFolder
 from atp_ray.structures import Masks, UnitGroup
 
 
@@ -58,7 +62,47 @@ class ProcessContext:
         """Mean of each gradient over ranks (a no-op for one process)."""
         if self.world_size == 1:
             return
-        for param in params:
-            if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-                param.grad /= self.world_size
+        # One flat bucket: hundreds of tiny all-reduces cost far more than one of their sum.
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+# The recipe's state dict (rank 0 only, else None) and its strategy's sharded save.
+ShardWriter = Callable[[Path | None], None]
+Restored = tuple[dict[str, Any], Path | None]
+
+
+class CheckpointStore(Protocol):
+    """Where a run's resumable state goes; every rank calls both methods."""
+
+    def save(self, step: int, state: dict[str, Any] | None, write_shards: ShardWriter) -> None:
+        """Persist ``state`` (given on rank 0) and whatever ``write_shards(directory)`` writes on each rank."""
+
+    def restore(self) -> contextlib.AbstractContextManager[Restored | None]:
+        """The latest (state, shard directory), readable inside the context; None when there is none."""
+
+
+@dataclass(frozen=True)
+class FolderCheckpoints:
+    """``checkpoint.pt`` in the run folder, written atomically by rank 0 (one process, or one disk)."""
+
+    folder: RunFolder
+    context: ProcessContext
+
+    def save(self, step: int, state: dict[str, Any] | None, write_shards: ShardWriter) -> None:
+        write_shards(None)  # a strategy with sharded state refuses: it needs a checkpoint directory
+        if state is not None:
+            self.folder.save_checkpoint(state)
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Restored | None]:
+        state = self.folder.load_checkpoint()
+        yield None if state is None else (state, None)

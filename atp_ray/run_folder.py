@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from atp_ray.errors import RunFolderError
 from atp_ray.structures import PruningSpace, UnitGroup
 
 
@@ -73,6 +74,16 @@ class RunFolder:
 
     def is_finished(self) -> bool:
         return self.summary.is_file()
+
+    def check_can_run(self, resolved_config: dict[str, Any]) -> None:
+        """Refuse a finished run, or an unfinished one of another config (RunFolderError)."""
+        if self.is_finished():
+            raise RunFolderError(f"{self.root} holds a finished run; choose another --out")
+        if self.config.is_file() and self.read_config() != resolved_config:
+            raise RunFolderError(
+                f"{self.root} holds a run with a different config; resume it with the same "
+                f"config, or choose another --out (saved config: {self.config})"
+            )
 
     def read_config(self) -> dict[str, Any]:
         return yaml.safe_load(self.config.read_text())

@@ -70,3 +70,40 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
     for field in ("atp.sparsity", "train.steps", "model.path"):
         assert field in result.stderr
+
+
+def _problems(raw: dict, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(raw, overrides)
+    return str(caught.value)
+
+
+def test_malformed_override_does_not_hide_the_other_problems(tiny_model_dir):
+    message = _problems({"model": {"path": str(tiny_model_dir)}}, ["atp.sparsity", "train.steps=-1"])
+    assert "override 'atp.sparsity': expected dotted.key=value" in message
+    assert "train.steps: input should be greater than 0 (got -1)" in message
+
+
+def test_missing_data_file_is_reported_next_to_an_unknown_key(tiny_model_dir, tmp_path):
+    missing = tmp_path / "gone.jsonl"
+    message = _problems({"model": {"path": str(tiny_model_dir)}, "data": {"source": str(missing), "surprise": 1}})
+    assert "data.surprise: unknown key (got 1)" in message
+    assert f"data.source.path: no such file (got '{missing}')" in message
+
+
+def test_lasso_ramp_must_start_after_the_control_phase(tiny_model_dir):
+    message = _problems({"model": {"path": str(tiny_model_dir)}, "atp": {"control_fraction": 0.9, "lasso_ramp_fraction": 0.2}})
+    assert "control_fraction + lasso_ramp_fraction must be at most 1" in message and "0.9 + 0.2" in message
+
+
+def test_distributed_section_rules(tiny_model_dir, tmp_path):
+    model = {"path": str(tiny_model_dir)}
+    assert "set workers" in _problems({"model": model, "distributed": {"strategy": "zero3"}})
+    assert "offload_params needs strategy zero3" in _problems(
+        {"model": model, "distributed": {"workers": 2, "strategy": "zero2", "offload_params": True}}
+    )
+    assert "distributed.deepspeed_config: no such file" in _problems(
+        {"model": model, "distributed": {"workers": 2, "strategy": "zero2", "deepspeed_config": str(tmp_path / "x.json")}}
+    )
+    config = load_config({"model": model}, ["distributed.workers=4", "distributed.strategy=zero2"])
+    assert (config.distributed.workers, config.distributed.strategy) == (4, "zero2")

@@ -1,0 +1,341 @@
+"""One ATP run sharded over Ray Train workers (TorchTrainer, Train V2): the only Ray layer of a run.
+
+Each worker runs the unchanged recipe (``atp_ray.atp.run_atp``) inside the process group
+Ray Train set up (gloo on CPU workers, NCCL on GPUs), with
+
+* the strategy the config names (``ddp | zero2 | zero3``; DeepSpeed is imported inside
+  the worker only, through ``atp_ray.strategy``);
+* :class:`RayCheckpoints`: resumable state goes through ``ray.train.report(checkpoint=...)``
+  into the run's storage (a folder, NFS, ``s3://`` or ``gs://``), the last K kept, and a
+  restarted worker group reads it back from ``ray.train.get_checkpoint()``: never from a
+  node's local disk, which differs between nodes;
+* rank 0 writing the run folder (config, metrics, mask, adapter, generator, summary), in
+  the layout ``atp-ray compress`` and ``atp-ray eval`` read. Its final outputs also go into
+  the last Ray checkpoint, so the driver gets them even when rank 0 ran on another node.
+
+Problems a user can fix (deepspeed missing, more GPUs or CPUs asked than the cluster has,
+a finished or different run in the folder) are raised on the driver before any worker starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.train import UserCallback
+
+from atp_ray.config import RunConfig
+from atp_ray.errors import ATPRayError
+from atp_ray.process import ProcessContext, Restored, ShardWriter
+from atp_ray.run_folder import RunFolder, atomic_write_bytes
+from atp_ray.structures import Masks
+
+log = logging.getLogger(__name__)
+
+# Files of a finished run folder that the final Ray checkpoint carries back to the driver.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "mask.json", "adapter", "generator.safetensors", "summary.json")
+# Every restore from a Ray checkpoint appends a line here (rank 0): the step it resumed at.
+RESUMES_FILE = "resumes.jsonl"
+# Per-rank mask digests, one line per step, when DebugHooks.trace_masks is set.
+MASK_TRACE_DIR = "mask-trace"
+
+
+class DistributedRunError(ATPRayError):
+    """A distributed run cannot start as asked, or its workers failed beyond max_failures."""
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by :class:`DebugHooks` to prove that a worker failure is survived."""
+
+
+@dataclass(frozen=True)
+class DebugHooks:
+    """Test seams, passed to the workers explicitly (no config field, no environment variable).
+
+    ``fail_once_at_step``: rank ``fail_rank`` raises right after that step, once per run
+    folder. ``trace_masks``: every rank appends the digest of each step's mask to
+    ``<run>/mask-trace/rank<r>.jsonl``.
+    """
+
+    fail_once_at_step: int | None = None
+    fail_rank: int = 1
+    trace_masks: bool = False
+
+
+def default_run_name(run_dir: Path) -> str:
+    """A Ray Train run name that is the same every time for one run folder (so a rerun resumes)."""
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    return f"atp-{run_dir.name}-{digest}"
+
+
+def run_distributed(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    run_name: str | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
+    address: str | None = None,
+    hooks: DebugHooks | None = None,
+) -> dict[str, Any]:
+    """Run ATP on ``config.distributed.workers`` Ray Train workers into ``run_dir``; returns the summary.
+
+    Joins the Ray cluster at ``address`` (or ``RAY_ADDRESS``), uses the one already
+    initialised in this process (a Tune trial, a test), or starts a local one.
+    ``run_name`` names the Train run in storage (default from the run folder: a rerun
+    with the same name resumes from its last checkpoint). ``report(metrics)`` is called
+    on Ray Train's controller after each report of rank 0; ``callbacks`` are extra
+    ``ray.train.UserCallback`` objects (e.g. Tune's ``TuneReportCallback``).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    dist = config.distributed
+    if dist.workers is None:
+        raise DistributedRunError("distributed.workers: required for a Ray Train run (got None)")
+    run_dir = Path(run_dir).resolve()
+    preflight(config, run_dir)
+    started_ray = _connect(address)
+    try:
+        check_cluster(config, ray.cluster_resources())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        user_callbacks = list(callbacks or []) + ([_ReportCallback(report)] if report else [])
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={
+                "config": config.to_dict(),
+                "run_dir": str(run_dir),
+                "hooks": asdict(hooks or DebugHooks()),
+            },
+            torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+            scaling_config=scaling_config(config),
+            run_config=ray.train.RunConfig(
+                name=run_name or default_run_name(run_dir),
+                storage_path=dist.storage_path or str(run_dir / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.checkpoints_to_keep),
+                callbacks=user_callbacks,
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise DistributedRunError(f"the Ray Train run failed beyond distributed.max_failures: {err}") from err
+        _fetch_outputs(result.checkpoint, run_dir)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return json.loads(RunFolder(run_dir).summary.read_text())
+
+
+def scaling_config(config: RunConfig) -> Any:
+    """Ray Train's ScalingConfig from the ``distributed`` section."""
+    from ray.train import ScalingConfig
+
+    dist = config.distributed
+    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
+    if dist.use_gpu:
+        resources["GPU"] = dist.gpus_per_worker
+    return ScalingConfig(
+        num_workers=dist.workers,
+        use_gpu=dist.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=dist.placement_strategy,
+    )
+
+
+def preflight(config: RunConfig, run_dir: Path) -> None:
+    """Checks that need no cluster: the strategy's library, the model, the run folder."""
+    from atp_ray.modeling import check_model_reachable
+
+    if config.distributed.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        raise DistributedRunError(
+            f"distributed.strategy: {config.distributed.strategy!r} needs DeepSpeed, which is not importable here "
+            "(pip install deepspeed, or use strategy ddp)"
+        )
+    check_model_reachable(config.model.path)
+    RunFolder(run_dir).check_can_run(config.to_dict())
+
+
+def check_cluster(config: RunConfig, cluster: dict[str, float]) -> None:
+    """The workers' total CPUs and GPUs must exist in the cluster, or Ray would wait forever."""
+    dist = config.distributed
+    asked = {"CPU": dist.workers * dist.cpus_per_worker}
+    if dist.use_gpu:
+        asked["GPU"] = dist.workers * dist.gpus_per_worker
+    for resource, amount in asked.items():
+        have = cluster.get(resource, 0.0)
+        if amount > have:
+            per = dist.gpus_per_worker if resource == "GPU" else dist.cpus_per_worker
+            raise DistributedRunError(
+                f"distributed: {dist.workers} workers x {per:g} {resource} need {amount:g} {resource}, "
+                f"the Ray cluster has {have:g}"
+            )
+
+
+def _connect(address: str | None) -> bool:
+    """Join a cluster (address or RAY_ADDRESS), keep the current one, or start a local one; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+# -- on the workers -----------------------------------------------------------------------
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the recipe in this worker group's process group."""
+    import ray.train
+    import ray.train.torch
+
+    from atp_ray.atp import run_atp
+
+    config = RunConfig.model_validate(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    hooks = DebugHooks(**loop_config["hooks"])
+    if config.distributed.use_gpu:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    context = ProcessContext.current("cuda" if config.distributed.use_gpu else "cpu")
+    folder = RunFolder(run_dir)
+    checkpoints = RayCheckpoints(folder, context)
+    summary = run_atp(config, run_dir, context, checkpoints=checkpoints, on_step=_step_hook(hooks, context, run_dir))
+    # The finished run folder, once more through storage: the driver may be on another node.
+    with tempfile.TemporaryDirectory(prefix="atp-final-") as tmp:
+        checkpoint = None
+        if context.is_main:
+            for name in RUN_OUTPUTS:
+                source = run_dir / name
+                if source.is_dir():
+                    shutil.copytree(source, Path(tmp) / name)
+                elif source.is_file():
+                    shutil.copy2(source, Path(tmp) / name)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        metrics = {"step": summary["steps"], **_numbers(summary), "done": 1}
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="final")
+
+
+@dataclass(frozen=True)
+class RayCheckpoints:
+    """The recipe's CheckpointStore under Ray Train: storage through report / get_checkpoint.
+
+    A checkpoint directory holds ``state.pt`` (rank 0: generator, optimizers, RNG, step,
+    and the LoRA state under DDP), ``shards/`` (each rank's DeepSpeed files under ZeRO) and
+    ``metrics.jsonl`` up to that step, so a worker group restarted on other nodes continues
+    the same metrics file.
+    """
+
+    folder: RunFolder
+    context: ProcessContext
+
+    def save(self, step: int, state: dict[str, Any] | None, write_shards: ShardWriter) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="atp-ckpt-") as tmp:
+            directory = Path(tmp)
+            write_shards(directory / "shards")
+            metrics: dict[str, Any] = {"step": step}
+            if state is not None:
+                torch.save(state, directory / "state.pt")
+                if self.folder.metrics.is_file():
+                    shutil.copy2(self.folder.metrics, directory / "metrics.jsonl")
+                    metrics |= _last_row(self.folder.metrics)
+            wrote = any(directory.iterdir())
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:08d}")
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Restored | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as tmp:
+            directory = Path(tmp)
+            state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+            if self.context.is_main:
+                self.folder.root.mkdir(parents=True, exist_ok=True)
+                if (directory / "metrics.jsonl").is_file():
+                    atomic_write_bytes(self.folder.metrics, (directory / "metrics.jsonl").read_bytes())
+                with open(self.folder.root / RESUMES_FILE, "a") as f:
+                    f.write(json.dumps({"step": state["step"], "checkpoint": checkpoint.path}) + "\n")
+            shards = directory / "shards"
+            yield state, (shards if shards.is_dir() else None)
+
+
+def _step_hook(hooks: DebugHooks, context: ProcessContext, run_dir: Path) -> Callable[[int, Masks, dict], None] | None:
+    if hooks.fail_once_at_step is None and not hooks.trace_masks:
+        return None
+
+    def on_step(step: int, masks: Masks, metrics: dict[str, float]) -> None:
+        if hooks.trace_masks:
+            trace = run_dir / MASK_TRACE_DIR
+            trace.mkdir(parents=True, exist_ok=True)
+            with open(trace / f"rank{context.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "mask": mask_digest(masks)}) + "\n")
+        if step == hooks.fail_once_at_step and context.rank == hooks.fail_rank:
+            marker = run_dir / ".injected-failure"
+            if not marker.exists():
+                marker.touch()
+                raise InjectedFailure(f"injected failure on rank {context.rank} after step {step}")
+
+    return on_step
+
+
+def mask_digest(masks: Masks) -> str:
+    """A short digest of a hard mask (equal digests: equal masks), in the space's group order."""
+    flat = torch.cat([m.detach().float().cpu().reshape(-1) for m in masks.values()])
+    return hashlib.sha1(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+def _fetch_outputs(checkpoint: Any, run_dir: Path) -> None:
+    """Copy the finished run folder from the final checkpoint when rank 0 wrote it on another node."""
+    if RunFolder(run_dir).is_finished():
+        return
+    if checkpoint is None:
+        raise DistributedRunError(f"the run ended without its final outputs in {run_dir} or in storage")
+    with checkpoint.as_directory() as tmp:
+        for name in RUN_OUTPUTS:
+            source, target = Path(tmp) / name, run_dir / name
+            if source.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(source, target)
+            elif source.is_file() and name != "summary.json":
+                shutil.copy2(source, target)
+        shutil.copy2(Path(tmp) / "summary.json", run_dir / "summary.json")  # last: marks the run finished
+
+
+def _last_row(path: Path) -> dict[str, Any]:
+    lines = [line for line in path.read_text().splitlines() if line]
+    return _numbers(json.loads(lines[-1])) if lines else {}
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class _ReportCallback(UserCallback):
+    """Calls ``report(metrics of rank 0)`` after every ``ray.train.report`` of the workers."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None]):
+        self.report = report
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.report(metrics[0])
