@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,23 @@ log = logging.getLogger(__name__)
 FINAL_EVAL_BLOCKS = 32
 
 
-def run_atp(config: RunConfig, run_dir: str | Path, context: ProcessContext | None = None) -> dict[str, Any]:
-    """Run (or resume) ATP into ``run_dir``; returns the run summary."""
+# Called on every rank after each step with that step's metrics (see ATPRecipe.train).
+StepReport = Callable[[dict[str, float]], None]
+
+
+def run_atp(
+    config: RunConfig,
+    run_dir: str | Path,
+    context: ProcessContext | None = None,
+    report: StepReport | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ATP into ``run_dir``; returns the run summary.
+
+    ``report``, if given, is called on every rank after each step (see :meth:`ATPRecipe.train`).
+    """
     recipe = ATPRecipe(config, Path(run_dir), context or ProcessContext.current(config.train.device))
     recipe.setup()
-    recipe.train()
+    recipe.train(report)
     return recipe.save()
 
 
@@ -82,6 +95,7 @@ class ATPRecipe:
 
         base = load_model(cfg.model.path, cfg.model.dtype)
         self.space = PruningSpace.from_config(base.config)
+        self.dense_params = sum(p.numel() for p in base.parameters())
         lora = LoraConfig(
             r=cfg.lora.rank,
             lora_alpha=cfg.lora.alpha,
@@ -144,7 +158,11 @@ class ATPRecipe:
         log.info("resumed %s at step %d", self.folder.root, self.step)
 
     # -- train -------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self, report: StepReport | None = None) -> None:
+        """Train to ``train.steps``. ``report(metrics)`` runs on every rank after each step:
+        ``metrics`` holds ``step``, the step's losses, ``sparsity`` and ``params`` (parameters the
+        step's mask keeps), ``checkpointed`` (1.0 when a resumable checkpoint was just written)
+        and, every ``train.eval_every`` steps, ``eval_loss``/``eval_perplexity``."""
         cfg = self.config.train
         progress = tqdm(
             total=cfg.steps, initial=self.step, desc="ATP", disable=not self.context.is_main, dynamic_ncols=True
@@ -160,14 +178,19 @@ class ATPRecipe:
             self.step += 1
             if self.frozen_masks is None:
                 self._maybe_freeze()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics |= self._held_out(self._current_masks())
             window.append(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self._log(window, time.monotonic() - started)
                 window = []
-            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            checkpointed = self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps
+            if checkpointed:
                 self._checkpoint()
+            if report is not None:
+                report({"step": self.step, **metrics, "checkpointed": float(checkpointed)})
         progress.close()
 
     def _generator_step(self) -> dict[str, float]:
@@ -221,6 +244,7 @@ class ATPRecipe:
             "lasso_weight": lasso_weight,
             "lr": lr,
             "generator_lr": self.generator_optimizer.param_groups[0]["lr"],
+            "params": self._params_kept(masks),
         }
         if self.frozen_masks is not None:
             metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), self.target_kept))
@@ -236,6 +260,22 @@ class ATPRecipe:
             self.frozen_masks = self.context.broadcast_masks(masks)
             self.freeze_step = self.step
             log.info("mask frozen at step %d: sparsity %.4f", self.step, self.space.sparsity(masks))
+
+    def _current_masks(self) -> Masks:
+        """The mask the run would end with if it froze now: the frozen one, else the target cut."""
+        if self.frozen_masks is not None:
+            return self.frozen_masks
+        return self.context.broadcast_masks(self.generator.masks_at_sparsity(self.config.atp.sparsity))
+
+    def _params_kept(self, masks: Masks) -> float:
+        """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
+        removed = self.space.prunable_params - float(self.space.kept_params(masks))
+        return float(self.dense_params - removed)
+
+    def _held_out(self, masks: Masks) -> dict[str, float]:
+        """Held-out loss and perplexity under ``masks``: the same measure as the run's final one."""
+        loss = self._evaluate(masks)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
     # -- schedules ---------------------------------------------------------------------
     def _lora_lr_factor(self, step: int) -> float:
@@ -264,7 +304,7 @@ class ATPRecipe:
         if not self.context.is_main:
             return
         row: dict[str, Any] = {"step": self.step, "phase": "control" if self.freeze_step is None else "frozen"}
-        for key in window[-1]:
+        for key in dict.fromkeys(k for m in window for k in m):  # eval keys appear on some steps only
             values = [m[key] for m in window if key in m]
             row[key] = sum(values) / len(values)
         row["sparsity"] = window[-1]["sparsity"]  # achieved by the latest hard mask, not an average
@@ -295,7 +335,7 @@ class ATPRecipe:
     def save(self) -> dict[str, Any]:
         """Write mask, adapter, generator and summary (last, marking the run finished)."""
         masks = self.frozen_masks
-        eval_loss = self._evaluate(masks)
+        held_out = self._held_out(masks)
         summary = {
             "target_sparsity": self.config.atp.sparsity,
             "sparsity": self.space.sparsity(masks),
@@ -303,8 +343,7 @@ class ATPRecipe:
             "prunable_params": self.space.prunable_params,
             "freeze_step": self.freeze_step,
             "steps": self.step,
-            "eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+            **held_out,
         }
         if self.context.is_main:
             self.folder.write_mask(self.space, {g: m.cpu() for g, m in masks.items()})
