@@ -139,7 +139,9 @@ class MLflowSpec(_Strict):
 class SearchSpace(_Strict):
     """A validated search space (see the module docstring for the YAML)."""
 
-    base: str = Field(description="base run config: a YAML path (relative to the space file)")
+    base: str | dict[str, Any] = Field(
+        description="base run config: a YAML path (relative to the space file) or the config itself"
+    )
     overrides: dict[str, Any] = Field(default_factory=dict)
     knobs: dict[str, Knob] = Field(min_length=1)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
@@ -189,12 +191,15 @@ def _known_key(key: str) -> bool:
 
 def resolve_base(space: SearchSpace, space_file: Path | None, cli_overrides: list[str]) -> dict[str, Any]:
     """The base run config as a raw dict: file, then the space's overrides, then the command line's."""
-    path = Path(space.base)
-    if space_file is not None and not path.is_absolute():
-        path = (space_file.parent / path).resolve()
     from atp_ray.config import apply_overrides
 
-    raw = _read_mapping(path)
+    if isinstance(space.base, dict):
+        raw = copy.deepcopy(space.base)
+    else:
+        path = Path(space.base)
+        if space_file is not None and not path.is_absolute():
+            path = (space_file.parent / path).resolve()
+        raw = _read_mapping(path)
     return apply_overrides(raw, [_override(k, v) for k, v in space.fixed_overrides().items()] + list(cli_overrides))
 
 
@@ -240,6 +245,8 @@ def _space_problems(space: SearchSpace) -> list[str]:
             problems.append(f"objectives: unknown objective {o.name!r}; known: {', '.join(OBJECTIVES)}")
         elif o.name == "accuracy" and not o.task:
             problems.append("objectives: accuracy needs task: (a built-in task name or a task YAML)")
+        elif o.task is not None:
+            problems += [f"objectives: {o.name}: {p}" for p in _task_problems(o.task)]
     if len(set(names)) != len(names):
         problems.append(f"objectives: each objective at most once (got {names})")
     if space.early_stopping.enabled and any(OBJECTIVES.get(n) and OBJECTIVES[n].final_only for n in names):
@@ -261,6 +268,16 @@ def _space_problems(space: SearchSpace) -> list[str]:
             elif not knob.contains(value):
                 problems.append(f"points_to_evaluate[{i}]: {key}={value!r} is outside the knob's {knob.kind} range")
     return problems
+
+
+def _task_problems(task: str) -> list[str]:
+    from atp_ray.tasks import resolve_tasks
+
+    try:
+        resolve_tasks([task])
+    except ConfigError as err:
+        return [p.removeprefix("--tasks: ") for p in err.problems]
+    return []
 
 
 def _config_problems(space: SearchSpace, base: dict[str, Any]) -> list[str]:
