@@ -136,4 +136,5 @@ class _StepReport:
         if "eval_perplexity" not in metrics:
             return  # objectives are reported at held-out evaluations, where quality is known
         values = intermediate_objectives(self.objectives, metrics["params"], metrics["eval_perplexity"], self.reference)
-        _send(self.report, {**numbers, **values, "final": 0.0})
+        # objectives first: Tune's progress table shows the first few metrics of a report
+        _send(self.report, {**values, "step": numbers["step"], **numbers, "final": 0.0})

@@ -126,3 +126,20 @@ def tiny_run_config(model_dir, **sections) -> dict:
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (own temp dir, no dashboard); yields its address.
+
+    Stopped with ray.shutdown, never `ray stop` (that would kill other Ray instances on the host).
+    """
+    import os
+    from pathlib import Path
+
+    import ray
+
+    temp = Path("/tmp") / f"atpr-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

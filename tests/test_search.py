@@ -26,17 +26,6 @@ from tests.conftest import tiny_run_config
 
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray for the session: own temp dir, no dashboard; stopped by ray.shutdown."""
-    import ray
-
-    temp = Path("/tmp") / f"atpr-{os.getpid()}"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def write_space(tmp_path, model_dir, trials, points=(), **extra) -> Path:
     base = tiny_run_config(
         model_dir, train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"}
@@ -45,16 +34,19 @@ def write_space(tmp_path, model_dir, trials, points=(), **extra) -> Path:
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     space = {
         "base": "base.yaml",
-        "knobs": {"atp.sparsity": {"uniform": [0.2, 0.7]}, "atp.lasso_weight": {"loguniform": [0.001, 0.1]},
-                  "train.lr": {"choice": [0.001, 1e30]}},
+        "knobs": {
+            "atp.sparsity": {"uniform": [0.2, 0.7]},
+            "atp.lasso_weight": {"loguniform": [0.001, 0.1]},
+            "train.lr": {"choice": [0.001, 1e30]},
+        },
         "objectives": [{"name": "quality"}, {"name": "params"}],
         "sampler": {"name": "random", "seed": 3},
         "trials": trials,
         "concurrency": 2,
         "resources": {"cpus_per_worker": 1},
         "points_to_evaluate": list(points),
-        **extra,
     }
+    space.update(extra)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -167,3 +159,41 @@ def test_export_of_an_unfinished_trial_is_a_clear_error(search, tmp_path, capsys
     failed = table[table.status == "FAILED"].iloc[0].trial_id
     assert main(["export", str(out), "--trial", failed, "--out", str(tmp_path / "m")]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def _wait_for(condition, timeout: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_cluster, tiny_model_dir, tmp_path):
+    """SIGKILL the search's driver once a trial has finished and another is running; resume."""
+    space = write_space(tmp_path, tiny_model_dir, trials=4, knobs={"atp.sparsity": {"uniform": [0.2, 0.7]}})
+    out = tmp_path / "exp"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atp_ray.cli", "search", "--space", str(space), "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        trials = out / "trials"
+        finished = lambda: [p for p in trials.glob("*/objectives.json")] if trials.is_dir() else []
+        running = lambda: [p for p in trials.glob("*/trial.json") if json.loads(p.read_text())["status"] == "RUNNING"]
+        _wait_for(lambda: finished() and running() and (out / "tune").is_dir(), 300, "a finished and a running trial", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(finished()) < 4
+
+    assert main(["resume", str(out)]) == 0
+    table = pd.read_csv(out / "report" / "trials.csv")
+    assert len(table) == 4 and table.trial_id.is_unique
+    assert (table.status == "COMPLETED").all(), table[["trial_id", "status", "failure_reason"]]
+    assert len(list(trials.iterdir())) == 4  # no trial ran that the table does not show
+    states = study_states(out)
+    assert "RUNNING" not in states and states.count("COMPLETE") == 4

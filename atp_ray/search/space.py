@@ -94,6 +94,17 @@ class Knob(_Strict):
         low, high = self.extremes()
         return isinstance(value, (int, float)) and low <= value <= high and (self.kind != "int" or value == int(value))
 
+    def optuna_distribution(self) -> Any:
+        """The Optuna distribution of this knob (for studies driven without Ray)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        return {
+            "uniform": lambda: FloatDistribution(*self.uniform),
+            "loguniform": lambda: FloatDistribution(*self.loguniform, log=True),
+            "int": lambda: IntDistribution(*self.integer),
+            "choice": lambda: CategoricalDistribution(self.choice),
+        }[self.kind]()
+
     def tune_domain(self) -> Any:
         """The Ray Tune domain of this knob (``fixed`` knobs are not searched)."""
         from ray import tune

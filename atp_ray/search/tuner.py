@@ -197,8 +197,8 @@ def make_searcher(experiment: Experiment, concurrency: int) -> StudySearch:
 
     space = experiment.space
     objectives = space.objective_list()
+    # The space comes from the Tuner's param_space (so Tune's progress table shows the knobs).
     return StudySearch(
-        space={k: v.tune_domain() for k, v in space.searched.items()},
         metric=[o.name for o in objectives],
         mode=[o.mode for o in objectives],
         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
@@ -362,6 +362,7 @@ def run_search(experiment: Experiment) -> Any:
     searcher = make_searcher(experiment, concurrency)
     tuner = tune.Tuner(
         _trainable_for(experiment),
+        param_space={k: v.tune_domain() for k, v in space.searched.items()},
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=_scheduler(space, space.objective_list()),
