@@ -144,8 +144,7 @@ def _report(experiment_dir: Path, show_front: bool) -> None:
     objectives = {o.name: o.mode for o in experiment.space.objective_list()}
     out = experiment.root / "report"
     summary = write_report(table, objectives, trial_curves(experiment, table), out, running=running)
-    print(summary if isinstance(summary, str) else "\n".join(f"{k}: {v}" for k, v in dict(summary).items()))
-    print(f"report: {out / 'report.html'}")
+    print(summary.text())
     if show_front and (out / "front.csv").is_file():
         import pandas as pd
 

@@ -65,11 +65,10 @@ def base_config(model: Path, steps: int) -> dict[str, Any]:
 
 
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
-    """Hypervolume (minimisation) of ``points`` up to ``reference``, by moocore."""
-    import moocore
+    """Hypervolume of ``points`` (both objectives minimised) up to ``reference``."""
+    from atp_ray.search.front import hypervolume as front_hypervolume
 
-    inside = points[np.all(points < reference, axis=1)]
-    return float(moocore.hypervolume(inside, ref=reference)) if len(inside) else 0.0
+    return front_hypervolume(points, ["min", "min"], reference) if len(points) else 0.0
 
 
 # -- 1. samplers -------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -129,17 +132,29 @@ def tiny_run_config(model_dir, **sections) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session (own temp dir, no dashboard); yields its address.
+def ray_local():
+    """One local Ray instance for the whole test session, in its own short temp dir.
 
-    Stopped with ray.shutdown, never `ray stop` (that would kill other Ray instances on the host).
+    Started here and shut down here only (never `ray stop`: the machine may run other Ray
+    instances). Imported lazily so that tests without Ray never pay for it.
     """
-    import os
-    from pathlib import Path
+    import shutil
+    import tempfile
 
     import ray
 
-    temp = Path("/tmp") / f"atpr-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    temp_dir = tempfile.mkdtemp(prefix="atpray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # Workers unpickle trainables defined in test modules, which pytest imports by bare name
+    # from this folder: put it (and the repository) on their path.
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -67,7 +67,7 @@ def study_states(experiment: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def search(ray_cluster, tiny_model_dir, tmp_path_factory, monkeypatch_module):
+def search(ray_local, tiny_model_dir, tmp_path_factory, monkeypatch_module):
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     class StopTrial(FIFOScheduler):
@@ -80,7 +80,7 @@ def search(ray_cluster, tiny_model_dir, tmp_path_factory, monkeypatch_module):
 
     from atp_ray.search import tuner
 
-    monkeypatch_module.setattr(tuner, "_scheduler", lambda space, objectives: StopTrial())
+    monkeypatch_module.setattr(tuner, "_scheduler", lambda experiment: StopTrial())
     tmp = tmp_path_factory.mktemp("search")
     points = [
         {"atp.sparsity": 0.3, "atp.lasso_weight": 0.01, "train.lr": 1e30},  # diverges
@@ -171,11 +171,12 @@ def _wait_for(condition, timeout: float, what: str, proc=None) -> None:
         time.sleep(0.5)
 
 
-def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_cluster, tiny_model_dir, tmp_path):
+def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_local, tiny_model_dir, tmp_path):
     """SIGKILL the search's driver once a trial has finished and another is running; resume."""
     space = write_space(tmp_path, tiny_model_dir, trials=4, knobs={"atp.sparsity": {"uniform": [0.2, 0.7]}})
     out = tmp_path / "exp"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(Path(__file__).parents[1])}
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "atp_ray.cli", "search", "--space", str(space), "--out", str(out)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.slow  # real trials through Optuna and two Ray Tune searches
-def test_quick_bench_reports_hypervolumes_and_compute(ray_cluster, tmp_path):
+def test_quick_bench_reports_hypervolumes_and_compute(ray_local, tmp_path):
     from bench.search_efficiency import QUICK, main
 
     results = main(["--quick", "--out", str(tmp_path)])

@@ -35,7 +35,7 @@ def tune_trials(experiment: Experiment) -> list[Any]:
 
 
 def trial_table(experiment: Experiment, running: bool = False) -> pd.DataFrame:
-    """One row per trial, ordered by trial id.
+    """One row per trial, in the order the trials were created.
 
     ``running`` says the search is still going: a trial whose record says RUNNING stays
     RUNNING; otherwise (the driver is gone) Tune's last saved state decides.
@@ -46,7 +46,8 @@ def trial_table(experiment: Experiment, running: bool = False) -> pd.DataFrame:
     rows = []
     tune_states = {t.trial_id: (t.status, t.config, t.error_file) for t in tune_trials(experiment)}
     folder_ids = {p.name for p in experiment.trials.iterdir()} if experiment.trials.is_dir() else set()
-    for trial_id in sorted(set(tune_states) | folder_ids):
+    # trial order: Tune's (creation order), then folders Tune never saved (newest driver's last moments)
+    for trial_id in [*tune_states, *sorted(folder_ids - set(tune_states))]:
         folder = TrialFolder(experiment.trials / trial_id)
         record = _read_json(folder.root / RECORD_FILE) or {}
         tune_status, config, error_file = tune_states.get(trial_id, (None, {}, None))

@@ -6,6 +6,7 @@ An experiment folder holds
     study.journal      the Optuna study (JournalStorage): ``optuna-dashboard study.journal``
     trials/<trial_id>/ each trial's folder (atp_ray.trial): run/, compressed/, objectives.json,
                        trial.json (status, failure reason, wall time)
+    early_stopping.jsonl  the early-stopping scheduler's rung records (when it is on)
     tune/              Ray Tune's experiment (results, TensorBoard logs, checkpoints), unless
                        the space's ``storage`` puts it in a bucket or elsewhere
     report/            written by ``atp-ray report``
@@ -42,6 +43,7 @@ STUDY_NAME = "atp-ray"
 TUNE_NAME = "tune"
 TRIALS_DIR = "trials"
 RECORD_FILE = "trial.json"  # inside a trial folder
+EARLY_STOPPING_FILE = "early_stopping.jsonl"  # the early-stopping scheduler's rung records
 # CPU a multi-worker trial's driver holds while its Ray Train workers hold the real resources.
 DRIVER_CPU = 0.1
 
@@ -339,17 +341,20 @@ def _callbacks(space: SearchSpace) -> list[Any]:
     return [MLflowLoggerCallback(tracking_uri=space.mlflow.tracking_uri, experiment_name=space.mlflow.experiment_name)]
 
 
-def _scheduler(space: SearchSpace, objectives: list[Objective]) -> Any:
+def _scheduler(experiment: Experiment) -> Any:
+    space = experiment.space
     if not space.early_stopping.enabled:
         return None
     from atp_ray.search.scheduler import ParetoEarlyStopping
 
+    objectives = space.objective_list()
     return ParetoEarlyStopping(
         metrics=[o.name for o in objectives],
         modes=[o.mode for o in objectives],
         time_attr="step",
         grace=space.early_stopping.grace,
         eta=space.early_stopping.eta,
+        record_path=experiment.root / EARLY_STOPPING_FILE,  # rungs survive a resume
     )
 
 
@@ -365,7 +370,7 @@ def run_search(experiment: Experiment) -> Any:
         param_space={k: v.tune_domain() for k, v in space.searched.items()},
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=_scheduler(space, space.objective_list()),
+            scheduler=_scheduler(experiment),
             num_samples=space.trials,
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id,
