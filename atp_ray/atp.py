@@ -48,33 +48,37 @@ log = logging.getLogger(__name__)
 FINAL_EVAL_BLOCKS = 32
 
 
-# Called on every rank after each step with that step's metrics (see ATPRecipe.train).
-StepReport = Callable[[dict[str, float]], None]
+StepHook = Callable[[int, Masks, dict[str, float]], None]
 
 
 def run_atp(
     config: RunConfig,
     run_dir: str | Path,
     context: ProcessContext | None = None,
-    report: StepReport | None = None,
+    *,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ATP into ``run_dir``; returns the run summary.
 
-    ``report``, if given, is called on every rank after each step (see :meth:`ATPRecipe.train`).
+    ``on_step(step, masks, metrics)`` is called after every step on every rank; ``metrics``
+    holds the step's losses, ``sparsity``, ``params`` (parameters the step's mask keeps) and,
+    every ``train.eval_every`` steps, ``eval_loss`` / ``eval_perplexity``.
     """
-    recipe = ATPRecipe(config, Path(run_dir), context or ProcessContext.current(config.train.device))
+    context = context or ProcessContext.current(config.train.device)
+    recipe = ATPRecipe(config, Path(run_dir), context, on_step=on_step)
     recipe.setup()
-    recipe.train(report)
+    recipe.train()
     return recipe.save()
 
 
 class ATPRecipe:
     """The state of one ATP run and its three stages."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, context: ProcessContext):
+    def __init__(self, config: RunConfig, run_dir: Path, context: ProcessContext, *, on_step: StepHook | None = None):
         self.config = config
         self.folder = RunFolder(run_dir)
         self.context = context
+        self.on_step = on_step
         self.device = context.device
         self.target_kept = 1.0 - config.atp.sparsity
         self.control_steps = max(1, math.ceil(config.train.steps * config.atp.control_fraction))
@@ -158,11 +162,7 @@ class ATPRecipe:
         log.info("resumed %s at step %d", self.folder.root, self.step)
 
     # -- train -------------------------------------------------------------------------
-    def train(self, report: StepReport | None = None) -> None:
-        """Train to ``train.steps``. ``report(metrics)`` runs on every rank after each step:
-        ``metrics`` holds ``step``, the step's losses, ``sparsity`` and ``params`` (parameters the
-        step's mask keeps), ``checkpointed`` (1.0 when a resumable checkpoint was just written)
-        and, every ``train.eval_every`` steps, ``eval_loss``/``eval_perplexity``."""
+    def train(self) -> None:
         cfg = self.config.train
         progress = tqdm(
             total=cfg.steps, initial=self.step, desc="ATP", disable=not self.context.is_main, dynamic_ncols=True
@@ -176,21 +176,20 @@ class ATPRecipe:
             masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
             metrics |= self._lora_step(masks)
             self.step += 1
-            if self.frozen_masks is None:
-                self._maybe_freeze()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 metrics |= self._held_out(self._current_masks())
+            if self.on_step is not None:
+                self.on_step(self.step, masks, metrics)
+            if self.frozen_masks is None:
+                self._maybe_freeze()
             window.append(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self._log(window, time.monotonic() - started)
                 window = []
-            checkpointed = self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps
-            if checkpointed:
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self._checkpoint()
-            if report is not None:
-                report({"step": self.step, **metrics, "checkpointed": float(checkpointed)})
         progress.close()
 
     def _generator_step(self) -> dict[str, float]:

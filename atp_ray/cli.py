@@ -110,13 +110,16 @@ def _driver(root: Path) -> Iterator[None]:
     """Start (or join, via RAY_ADDRESS) Ray, and mark the experiment as running meanwhile."""
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init()
     (root / DRIVER_FILE).write_text(str(os.getpid()))
     try:
         yield
     finally:
         (root / DRIVER_FILE).unlink(missing_ok=True)
+        if started:
+            ray.shutdown()
 
 
 def _search_running(root: Path) -> bool:

@@ -34,8 +34,8 @@ from atp_ray.search.objectives import Objective, dense_reference, final_objectiv
 log = logging.getLogger(__name__)
 
 Objectives = dict[str, float]
-# Receives {"step": ..., training metrics..., objective name: intermediate value...} at every
-# held-out evaluation, and the final objectives with "final": 1.0 at the end.
+# Receives {objective name: intermediate value..., "step": ..., training metrics..., "final": 0.0}
+# at every held-out evaluation, and {objective name: final value..., "final": 1.0} at the end.
 TrialReport = Callable[[dict[str, float]], None]
 
 DEFAULT_OBJECTIVES = [Objective("quality", "min"), Objective("params", "min")]
@@ -70,7 +70,9 @@ def run_trial(
 ) -> Objectives:
     """Train, compress and evaluate one ATP configuration in ``out``; returns the final objectives.
 
-    ``workers`` > 1 trains with Ray Train (``atp_ray.distributed``) under the run name ``name``.
+    ``workers`` > 1 trains with Ray Train (``atp_ray.distributed``; the config's
+    ``distributed`` section says how) under the run name ``name``, and ``report`` is then
+    called on Ray Train's controller at each of the workers' checkpoint reports.
     Raises :class:`TrialDiverged` when the loss or an objective is not finite.
     """
     folder = TrialFolder(Path(out))
@@ -104,15 +106,15 @@ def _device(config: RunConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _train(config: RunConfig, run_dir: Path, report: TrialReport, workers: int, name: str | None) -> None:
+def _train(config: RunConfig, run_dir: Path, step_report: _StepReport, workers: int, name: str | None) -> None:
     if workers > 1:
         from atp_ray.distributed import run_distributed  # Ray Train: only multi-worker trials need it
 
-        run_distributed(config, run_dir, report=report, name=name)
+        run_distributed(config, run_dir, run_name=name, report=step_report.from_train_report)
     else:
         from atp_ray.atp import run_atp
 
-        run_atp(config, run_dir, report=report)
+        run_atp(config, run_dir, on_step=step_report)
 
 
 def _send(report: TrialReport | None, values: dict[str, float]) -> None:
@@ -121,20 +123,30 @@ def _send(report: TrialReport | None, values: dict[str, float]) -> None:
 
 
 class _StepReport:
-    """The recipe's per-step hook: stops a diverging run and reports objectives at each evaluation."""
+    """The recipe's per-step hook: stops a diverging run and reports objectives at each evaluation.
+
+    Called on every rank; a distributed run's workers report only from rank 0 (through Ray
+    Train), so only one report per step reaches the search.
+    """
 
     def __init__(self, objectives: list[Objective], reference: dict[str, float], report: TrialReport | None):
         self.objectives = objectives
         self.reference = reference
         self.report = report
 
-    def __call__(self, metrics: dict[str, Any]) -> None:
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    def __call__(self, step: int, masks: Any, metrics: dict[str, Any]) -> None:
+        del masks  # what they keep is in metrics["params"]
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         bad = sorted(k for k, v in numbers.items() if not math.isfinite(v))
         if bad:
-            raise TrialDiverged(f"diverged at step {metrics.get('step')}: {', '.join(bad)} not finite")
+            raise TrialDiverged(f"diverged at step {step}: {', '.join(bad)} not finite")
         if "eval_perplexity" not in metrics:
             return  # objectives are reported at held-out evaluations, where quality is known
         values = intermediate_objectives(self.objectives, metrics["params"], metrics["eval_perplexity"], self.reference)
         # objectives first: Tune's progress table shows the first few metrics of a report
-        _send(self.report, {**values, "step": numbers["step"], **numbers, "final": 0.0})
+        _send(self.report, {**values, "step": float(step), **numbers, "final": 0.0})
+
+    def from_train_report(self, metrics: dict[str, Any]) -> None:
+        """Ray Train's reports (rank 0: the step and the last metrics.jsonl row), as a step."""
+        if "done" not in metrics:  # the final report: the trial reports its final objectives itself
+            self(int(metrics["step"]), None, {k: v for k, v in metrics.items() if k != "step"})

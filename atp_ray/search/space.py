@@ -179,6 +179,19 @@ class SearchSpace(_Strict):
         """Base overrides plus fixed knobs: what every trial's config shares."""
         return {**self.overrides, **{k: v.fixed for k, v in self.knobs.items() if v.kind == "fixed"}}
 
+    def resource_overrides(self) -> dict[str, Any]:
+        """The run config's ``distributed`` section for multi-worker trials (none for one worker)."""
+        res = self.resources
+        if res.workers == 1:
+            return {}
+        gpus = {"distributed.gpus_per_worker": res.gpus_per_worker} if res.gpus_per_worker else {}
+        return {
+            "distributed.workers": res.workers,
+            "distributed.cpus_per_worker": res.cpus_per_worker,
+            "distributed.use_gpu": res.gpus_per_worker > 0,
+            **gpus,
+        }
+
     def run_config(self, params: dict[str, Any], base: dict[str, Any]) -> RunConfig:
         """A trial's run config: the resolved ``base`` (raw dict) with the sampled knob values."""
         return load_config(copy.deepcopy(base), [_override(k, v) for k, v in params.items()])
@@ -211,7 +224,8 @@ def resolve_base(space: SearchSpace, space_file: Path | None, cli_overrides: lis
         if space_file is not None and not path.is_absolute():
             path = (space_file.parent / path).resolve()
         raw = _read_mapping(path)
-    return apply_overrides(raw, [_override(k, v) for k, v in space.fixed_overrides().items()] + list(cli_overrides))
+    fixed = {**space.fixed_overrides(), **space.resource_overrides()}
+    return apply_overrides(raw, [_override(k, v) for k, v in fixed.items()] + list(cli_overrides))
 
 
 def load_space(

@@ -223,14 +223,15 @@ def trainable(params: dict[str, Any], experiment_dir: str) -> None:
     folder.root.mkdir(parents=True, exist_ok=True)
     _restore_checkpoint(folder)
     record = _Record(folder, params)
-    reporter = _TuneReporter(folder)
+    workers = experiment.space.resources.workers
+    reporter = _TrainToTune() if workers > 1 else _TuneReporter(folder)
     try:
         run_trial(
             config,
             folder.root,
             objectives=experiment.space.objective_list(),
             report=reporter,
-            workers=experiment.space.resources.workers,
+            workers=workers,
             name=f"{experiment.root.name}-{trial_id}",
         )
     except TrialDiverged as err:
@@ -267,25 +268,44 @@ class _Record:
 
 
 class _TuneReporter:
-    """Forwards run_trial's reports to Tune, attaching the run's checkpoint when a new one exists."""
+    """Forwards run_trial's reports to Tune, with a copy of the run's checkpoint when it has a newer one."""
 
     def __init__(self, folder: TrialFolder):
         self.folder = folder
         self.final = False
-        self.pending_checkpoint = False
+        self.sent_checkpoint: int | None = None  # mtime of the run checkpoint last sent
 
     def __call__(self, values: dict[str, float]) -> None:
-        self.pending_checkpoint |= bool(values.get("checkpointed")) and self.folder.run.checkpoint.is_file()
         self.final = values.get("final") == 1.0
-        if not self.pending_checkpoint:
+        checkpoint = self.folder.run.checkpoint
+        written = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
+        if written is None or written == self.sent_checkpoint:
             tune.report(values)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            for path in (self.folder.run.checkpoint, self.folder.run.metrics):
+            for path in (checkpoint, self.folder.run.metrics):
                 if path.is_file():
                     shutil.copy2(path, Path(tmp) / path.name)
             tune.report(values, checkpoint=tune.Checkpoint.from_directory(tmp))
-        self.pending_checkpoint = False
+        self.sent_checkpoint = written
+
+
+class _TrainToTune:
+    """A multi-worker trial's reports: made on Ray Train's controller, queued to this Tune trial
+    the way Ray's own TuneReportCallback does (it forwards raw metrics; we send objectives)."""
+
+    def __init__(self) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        self._queue = TuneReportCallback()._training_actor_item_queue
+        self.final = False
+
+    def __call__(self, values: dict[str, float]) -> None:
+        if values.get("final") == 1.0:  # the final objectives are measured here, in the trial
+            self.final = True
+            tune.report(values)
+        else:
+            self._queue.put(values)
 
 
 def _restore_checkpoint(folder: TrialFolder) -> None:
