@@ -99,7 +99,6 @@ class ATPRecipe:
 
         base = load_model(cfg.model.path, cfg.model.dtype)
         self.space = PruningSpace.from_config(base.config)
-        self.dense_params = sum(p.numel() for p in base.parameters())
         lora = LoraConfig(
             r=cfg.lora.rank,
             lora_alpha=cfg.lora.alpha,
@@ -109,6 +108,10 @@ class ATPRecipe:
         )
         self.model = get_peft_model(base, lora).to(self.device)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
+        self.dense_params = sum(
+            getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters() if "lora_" not in n
+        )
         self.generator = PruningGenerator(
             self.space, width=cfg.atp.generator_width, temperature=cfg.atp.temperature, base=cfg.atp.base
         ).to(self.device)
