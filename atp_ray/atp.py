@@ -118,6 +118,10 @@ class ATPRecipe:
         self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
         self.space = PruningSpace.from_config(self.model.config)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
+        self.dense_params = sum(
+            getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters() if "lora_" not in n
+        )
         self.generator = PruningGenerator(
             self.space, width=cfg.atp.generator_width, temperature=cfg.atp.temperature, base=cfg.atp.base
         ).to(self.device)
@@ -183,6 +187,8 @@ class ATPRecipe:
             masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
             metrics |= self._lora_step(masks)
             self.step += 1
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics |= self._held_out(self._current_masks())
             if self.on_step is not None:
                 self.on_step(self.step, masks, metrics)
             if self.frozen_masks is None:
@@ -254,6 +260,7 @@ class ATPRecipe:
             "lasso_weight": lasso_weight,
             "lr": lr,
             "generator_lr": self.generator_optimizer.param_groups[0]["lr"],
+            "params": self._params_kept(masks),
         }
         if self.frozen_masks is not None:
             metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), self.target_kept))
@@ -269,6 +276,22 @@ class ATPRecipe:
             self.frozen_masks = self.context.broadcast_masks(masks)
             self.freeze_step = self.step
             log.info("mask frozen at step %d: sparsity %.4f", self.step, self.space.sparsity(masks))
+
+    def _current_masks(self) -> Masks:
+        """The mask the run would end with if it froze now: the frozen one, else the target cut."""
+        if self.frozen_masks is not None:
+            return self.frozen_masks
+        return self.context.broadcast_masks(self.generator.masks_at_sparsity(self.config.atp.sparsity))
+
+    def _params_kept(self, masks: Masks) -> float:
+        """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
+        removed = self.space.prunable_params - float(self.space.kept_params(masks))
+        return float(self.dense_params - removed)
+
+    def _held_out(self, masks: Masks) -> dict[str, float]:
+        """Held-out loss and perplexity under ``masks``: the same measure as the run's final one."""
+        loss = self._evaluate(masks)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
     # -- schedules ---------------------------------------------------------------------
     def _lora_lr_factor(self, step: int) -> float:
@@ -297,7 +320,7 @@ class ATPRecipe:
         if not self.context.is_main:
             return
         row: dict[str, Any] = {"step": self.step, "phase": "control" if self.freeze_step is None else "frozen"}
-        for key in window[-1]:
+        for key in dict.fromkeys(k for m in window for k in m):  # eval keys appear on some steps only
             values = [m[key] for m in window if key in m]
             row[key] = sum(values) / len(values)
         row["sparsity"] = window[-1]["sparsity"]  # achieved by the latest hard mask, not an average
@@ -328,7 +351,7 @@ class ATPRecipe:
     def save(self) -> dict[str, Any]:
         """Write mask, adapter, generator and summary (last, marking the run finished)."""
         masks = self.frozen_masks
-        eval_loss = self._evaluate(masks)
+        held_out = self._held_out(masks)
         summary = {
             "target_sparsity": self.config.atp.sparsity,
             "sparsity": self.space.sparsity(masks),
@@ -336,8 +359,7 @@ class ATPRecipe:
             "prunable_params": self.space.prunable_params,
             "freeze_step": self.freeze_step,
             "steps": self.step,
-            "eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+            **held_out,
         }
         with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3
             if self.context.is_main:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from atp_ray.errors import ATPRayError
@@ -81,6 +84,125 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     )
 
 
+# -- the search: search / resume / report / export -----------------------------------------
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from atp_ray.search.space import load_space
+
+    space, base = load_space(args.space, args.overrides, args.trials)  # every problem before Ray starts
+    out = Path(args.out) if args.out else Path("experiments") / Path(args.space).stem
+    from atp_ray.search.tuner import new_experiment, run_search
+
+    experiment = new_experiment(out, space, base)
+    with _driver(experiment.root):
+        run_search(experiment)
+    _report(experiment.root, show_front=True)
+
+
+def _cmd_resume(args: argparse.Namespace) -> None:
+    from atp_ray.search.tuner import Experiment, resume_search
+
+    experiment = Experiment.open(args.experiment)
+    with _driver(experiment.root):
+        resume_search(experiment, retry_failed=args.retry_failed)
+    _report(experiment.root, show_front=True)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    _report(Path(args.experiment), show_front=False)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from atp_ray.search.export import export_trial
+
+    out = export_trial(args.experiment, args.trial, args.out)
+    print(f"exported trial {args.trial}: {out} (load with atp_ray.load_compressed)")
+
+
+DRIVER_FILE = "driver.pid"  # in an experiment folder while a search or resume runs
+
+
+@contextlib.contextmanager
+def _driver(root: Path) -> Iterator[None]:
+    """Start (or join, via RAY_ADDRESS) Ray, and mark the experiment as running meanwhile."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    (root / DRIVER_FILE).write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (root / DRIVER_FILE).unlink(missing_ok=True)
+        if started:
+            ray.shutdown()
+
+
+def _search_running(root: Path) -> bool:
+    pid_file = root / DRIVER_FILE
+    if not pid_file.is_file():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _report(experiment_dir: Path, show_front: bool) -> None:
+    """Write EXPERIMENT_DIR/report/ from the trial table and print its summary."""
+    from atp_ray.search.report import write_report
+    from atp_ray.search.table import trial_curves, trial_table
+    from atp_ray.search.tuner import Experiment
+
+    experiment = Experiment.open(experiment_dir)
+    running = _search_running(experiment.root)
+    table = trial_table(experiment, running=running)
+    objectives = {o.name: o.mode for o in experiment.space.objective_list()}
+    out = experiment.root / "report"
+    summary = write_report(table, objectives, trial_curves(experiment, table), out, running=running)
+    print(summary.text())
+    if show_front and (out / "front.csv").is_file():
+        import pandas as pd
+
+        print("Pareto front:")
+        print(pd.read_csv(out / "front.csv").to_string(index=False))
+
+
+def _add_search_commands(commands: argparse._SubParsersAction) -> None:
+    search = commands.add_parser("search", help="search ATP knobs with Ray Tune + Optuna for a Pareto front")
+    search.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    search.add_argument("--out", help="experiment folder (default experiments/<space name>)")
+    search.add_argument("--trials", type=_positive_int, help="number of trials (default: the space's)")
+    search.add_argument("overrides", nargs="*", help="dotted.key=value overrides of every trial's base run config")
+    search.set_defaults(handler=_cmd_search)
+
+    resume = commands.add_parser("resume", help="continue a search whose driver stopped")
+    resume.add_argument("experiment", help="experiment folder of the search")
+    resume.add_argument("--retry-failed", action="store_true", help="run errored trials again from their checkpoints")
+    resume.set_defaults(handler=_cmd_resume)
+
+    report = commands.add_parser("report", help="write EXPERIMENT_DIR/report/: trial table, Pareto front, plots")
+    report.add_argument("experiment", help="experiment folder (a running search works too)")
+    report.set_defaults(handler=_cmd_report)
+
+    export = commands.add_parser("export", help="copy one trial's compressed model to a folder")
+    export.add_argument("experiment", help="experiment folder")
+    export.add_argument("--trial", required=True, help="trial id (see report/trials.csv)")
+    export.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
+    export.set_defaults(handler=_cmd_export)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atp-ray", description="All-in-One Tuning and structural Pruning of LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -129,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", help="write the report as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
+    _add_search_commands(commands)
     return parser
 
 

@@ -255,6 +255,9 @@ class TrainConfig(_Section):
     seed: int = Field(0, description="seeds weights of LoRA/generator, mask noise and data order")
     log_every: int = Field(10, gt=0, description="steps between metrics.jsonl rows")
     checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
+    eval_every: int | None = Field(
+        None, gt=0, description="steps between held-out evaluations during training (None = at the end only)"
+    )
 
 
 STRATEGY_NAMES = ("ddp", "zero2", "zero3")

@@ -1,0 +1,441 @@
+"""The search recipe: a validated space -> Ray Tune + Optuna -> one trial folder per trial.
+
+An experiment folder holds
+
+    search.json        the space, the resolved base run config and where Tune keeps its state
+    study.journal      the Optuna study (JournalStorage): ``optuna-dashboard study.journal``
+    trials/<trial_id>/ each trial's folder (atp_ray.trial): run/, compressed/, objectives.json,
+                       trial.json (status, failure reason, wall time)
+    early_stopping.jsonl  the early-stopping scheduler's rung records (when it is on)
+    tune/              Ray Tune's experiment (results, TensorBoard logs, checkpoints), unless
+                       the space's ``storage`` puts it in a bucket or elsewhere
+    report/            written by ``atp-ray report``
+
+The experiment folder must be on a filesystem every node sees (local on one machine, NFS on
+a cluster); Tune's own state may go to ``s3://`` or ``gs://``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from atp_ray.run_folder import atomic_write_json
+from atp_ray.search.objectives import Objective
+from atp_ray.search.space import SearchSpace
+from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.json"
+STUDY_FILE = "study.journal"
+STUDY_NAME = "atp-ray"
+TUNE_NAME = "tune"
+TRIALS_DIR = "trials"
+RECORD_FILE = "trial.json"  # inside a trial folder
+EARLY_STOPPING_FILE = "early_stopping.jsonl"  # the early-stopping scheduler's rung records
+# CPU a multi-worker trial's driver holds while its Ray Train workers hold the real resources.
+DRIVER_CPU = 0.1
+
+
+# -- the experiment folder --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment folder and what ``search.json`` says about it."""
+
+    root: Path
+    space: SearchSpace
+    base: dict[str, Any]  # the resolved base run config (raw)
+    storage: str  # Tune's storage_path
+
+    @property
+    def trials(self) -> Path:
+        return self.root / TRIALS_DIR
+
+    @property
+    def study(self) -> Path:
+        return self.root / STUDY_FILE
+
+    @property
+    def tune_path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{TUNE_NAME}"
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.root / SEARCH_FILE,
+            {"space": self.space.model_dump(mode="json", by_alias=True), "base": self.base, "storage": self.storage},
+        )
+
+    @classmethod
+    def open(cls, root: str | Path) -> Experiment:
+        from atp_ray.errors import ConfigError
+
+        root = Path(root).resolve()
+        path = root / SEARCH_FILE
+        if not path.is_file():
+            raise ConfigError([f"{root}: not an experiment folder ({SEARCH_FILE} is missing)"])
+        data = json.loads(path.read_text())
+        return cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"])
+
+
+def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -> Experiment:
+    """An experiment folder for a new search (an existing one must be resumed instead)."""
+    from atp_ray.errors import ConfigError
+
+    root = Path(root).resolve()
+    if (root / SEARCH_FILE).exists():
+        raise ConfigError([f"--out: {root} already holds a search; continue it with `atp-ray resume {root}`"])
+    experiment = Experiment(root, space, base, space.storage or str(root))
+    experiment.save()
+    return experiment
+
+
+# -- the searcher -----------------------------------------------------------------------------
+
+
+def make_sampler(space: SearchSpace) -> Any:
+    """The seeded Optuna sampler the space names."""
+    import optuna
+
+    spec = space.sampler
+    population = spec.population_size or min(50, max(2, space.trials // 4))
+    samplers = {
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=population),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True, multivariate=True),
+        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
+    }
+    return samplers[spec.name]()
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about every trial and limits concurrency itself.
+
+    - A trial that ends with its final objectives is COMPLETE; one that errored (diverged,
+      crashed) is FAIL; one stopped early is PRUNED. Partial or non-finite values never
+      reach the study, so no Optuna trial is left RUNNING and none is ranked on partial data.
+    - Concurrency is counted from the searcher's own state, which Tune saves and restores
+      with the experiment (ConcurrencyLimiter's live set is not saved, so after a restore it
+      would drop the completions of resumed trials).
+    - After a restore, study trials that the saved searcher never knew (asked just before the
+      driver died) are marked FAIL: Tune suggests their replacements, so the budget holds.
+    """
+
+    def __init__(self, *args: Any, max_concurrent: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_concurrent = max_concurrent
+
+    def suggest(self, trial_id: str) -> dict | None:
+        live = set(self._ot_trials) - self._completed_trials
+        if trial_id not in self._ot_trials and len(live) >= self.max_concurrent:
+            return None
+        return super().suggest(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        values = _final_values(result, self.metric) if not error else None
+        if trial_id in self._completed_trials:
+            if values is not None:  # an errored trial retried to the end: record its result too
+                old = self._ot_trials[trial_id]
+                self._ot_study.add_trial(
+                    optuna.trial.create_trial(
+                        params=old.params, distributions=old.distributions, values=values, state=TrialState.COMPLETE
+                    )
+                )
+            return
+        if trial_id not in self._ot_trials:
+            return
+        state = TrialState.COMPLETE if values is not None else TrialState.FAIL if error else TrialState.PRUNED
+        if state != TrialState.COMPLETE and result and result.get("final") == 1.0:
+            state = TrialState.FAIL  # final, yet not finite: diverged
+        self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        self.close_running(keep=known)
+
+    def close_running(self, keep: set[int] | None = None) -> int:
+        """Mark every RUNNING study trial FAIL except those numbered in ``keep``; returns how many."""
+        from optuna.trial import TrialState
+
+        closed = 0
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if keep is None or trial.number not in keep:
+                self._ot_study.tell(trial.number, state=TrialState.FAIL)
+                closed += 1
+        return closed
+
+
+def _final_values(result: dict | None, metrics: list[str]) -> list[float] | None:
+    if not result or result.get("final") != 1.0:
+        return None
+    values = [result.get(m) for m in metrics]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def make_searcher(experiment: Experiment, concurrency: int) -> StudySearch:
+    """The multi-objective Optuna searcher, its study in the experiment's journal file."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    space = experiment.space
+    objectives = space.objective_list()
+    # The space comes from the Tuner's param_space (so Tune's progress table shows the knobs).
+    return StudySearch(
+        metric=[o.name for o in objectives],
+        mode=[o.mode for o in objectives],
+        points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
+        sampler=make_sampler(space),
+        study_name=STUDY_NAME,
+        storage=JournalStorage(JournalFileBackend(str(experiment.study))),
+        max_concurrent=concurrency,
+    )
+
+
+# -- the trainable ----------------------------------------------------------------------------
+
+
+def trainable(params: dict[str, Any], experiment_dir: str) -> None:
+    """One Tune trial: the sampled knobs -> :func:`atp_ray.trial.run_trial`, reported to Tune."""
+    experiment = Experiment.open(experiment_dir)
+    trial_id = tune.get_context().get_trial_id()
+    folder = TrialFolder(experiment.trials / trial_id)
+    config = experiment.space.run_config(params, experiment.base)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    _restore_checkpoint(folder)
+    record = _Record(folder, params)
+    workers = experiment.space.resources.workers
+    reporter = _TrainToTune() if workers > 1 else _TuneReporter(folder)
+    try:
+        run_trial(
+            config,
+            folder.root,
+            objectives=experiment.space.objective_list(),
+            report=reporter,
+            workers=workers,
+            name=f"{experiment.root.name}-{trial_id}",
+        )
+    except TrialDiverged as err:
+        record.close("FAILED", str(err))
+        raise
+    except SystemExit:  # Tune ends a function trainable that its scheduler stopped this way
+        record.close("STOPPED", None)
+        raise
+    except BaseException as err:
+        record.close("FAILED", f"{type(err).__name__}: {err}")
+        raise
+    record.close("COMPLETED" if reporter.final else "STOPPED", None)
+
+
+class _Record:
+    """trial.json: the knobs, status, failure reason and wall time (summed over attempts)."""
+
+    def __init__(self, folder: TrialFolder, params: dict[str, Any]):
+        self.path = folder.root / RECORD_FILE
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.spent = previous.get("wall_time_s", 0.0)
+        self.started = time.monotonic()
+        self.params = params
+        self._write("RUNNING", None)
+
+    def _write(self, status: str, reason: str | None) -> None:
+        wall = self.spent + time.monotonic() - self.started
+        atomic_write_json(
+            self.path, {"status": status, "failure_reason": reason, "wall_time_s": round(wall, 2), "knobs": self.params}
+        )
+
+    def close(self, status: str, reason: str | None) -> None:
+        self._write(status, reason)
+
+
+class _TuneReporter:
+    """Forwards run_trial's reports to Tune, with a copy of the run's checkpoint when it has a newer one."""
+
+    def __init__(self, folder: TrialFolder):
+        self.folder = folder
+        self.final = False
+        self.sent_checkpoint: int | None = None  # mtime of the run checkpoint last sent
+
+    def __call__(self, values: dict[str, float]) -> None:
+        self.final = values.get("final") == 1.0
+        checkpoint = self.folder.run.checkpoint
+        written = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
+        if written is None or written == self.sent_checkpoint:
+            tune.report(values)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in (checkpoint, self.folder.run.metrics):
+                if path.is_file():
+                    shutil.copy2(path, Path(tmp) / path.name)
+            tune.report(values, checkpoint=tune.Checkpoint.from_directory(tmp))
+        self.sent_checkpoint = written
+
+
+class _TrainToTune:
+    """A multi-worker trial's reports: made on Ray Train's controller, queued to this Tune trial
+    the way Ray's own TuneReportCallback does (it forwards raw metrics; we send objectives)."""
+
+    def __init__(self) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        self._queue = TuneReportCallback()._training_actor_item_queue
+        self.final = False
+
+    def __call__(self, values: dict[str, float]) -> None:
+        if values.get("final") == 1.0:  # the final objectives are measured here, in the trial
+            self.final = True
+            tune.report(values)
+        else:
+            self._queue.put(values)
+
+
+def _restore_checkpoint(folder: TrialFolder) -> None:
+    """Put Tune's last checkpoint back into the run folder when the folder lost its own
+    (a node's disk gone; Tune's copy lives in its storage)."""
+    checkpoint = tune.get_checkpoint()
+    run = folder.run
+    if checkpoint is None or run.is_finished() or run.checkpoint.is_file():
+        return
+    with checkpoint.as_directory() as saved:
+        run.root.mkdir(parents=True, exist_ok=True)
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            if (Path(saved) / name).is_file():
+                shutil.copy2(Path(saved) / name, run.root / name)
+    log.info("trial %s: restored its run checkpoint from Tune", folder.root.name)
+
+
+# -- the Tuner --------------------------------------------------------------------------------
+
+
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What one trial's Tune actor holds: everything in-process, or a small driver for Ray Train."""
+    res = space.resources
+    if res.workers > 1:
+        return {"cpu": DRIVER_CPU}
+    return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+
+
+def default_concurrency(space: SearchSpace) -> int:
+    """Trials that fit the cluster at once: by GPUs when trials use GPUs, else by CPUs."""
+    import ray
+
+    if space.concurrency:
+        return space.concurrency
+    res = space.resources
+    cluster = ray.cluster_resources()
+    if res.gpus_per_worker > 0:
+        return max(1, int(cluster.get("GPU", 0) // (res.workers * res.gpus_per_worker)))
+    return max(1, int(cluster.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
+
+
+def _trainable_for(experiment: Experiment) -> Any:
+    return tune.with_resources(
+        tune.with_parameters(trainable, experiment_dir=str(experiment.root)), trial_resources(experiment.space)
+    )
+
+
+def _callbacks(space: SearchSpace) -> list[Any]:
+    if space.mlflow is None:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=space.mlflow.tracking_uri, experiment_name=space.mlflow.experiment_name)]
+
+
+def _scheduler(experiment: Experiment) -> Any:
+    space = experiment.space
+    if not space.early_stopping.enabled:
+        return None
+    from atp_ray.search.scheduler import ParetoEarlyStopping
+
+    objectives = space.objective_list()
+    return ParetoEarlyStopping(
+        metrics=[o.name for o in objectives],
+        modes=[o.mode for o in objectives],
+        time_attr="step",
+        grace=space.early_stopping.grace,
+        eta=space.early_stopping.eta,
+        record_path=experiment.root / EARLY_STOPPING_FILE,  # rungs survive a resume
+    )
+
+
+def run_search(experiment: Experiment) -> Any:
+    """Run a new search to its trial budget; returns Tune's ResultGrid."""
+    import ray
+
+    space = experiment.space
+    concurrency = default_concurrency(space)
+    searcher = make_searcher(experiment, concurrency)
+    tuner = tune.Tuner(
+        _trainable_for(experiment),
+        param_space={k: v.tune_domain() for k, v in space.searched.items()},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=_scheduler(experiment),
+            num_samples=space.trials,
+            trial_name_creator=lambda trial: trial.trial_id,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_NAME,
+            storage_path=experiment.storage,
+            callbacks=_callbacks(space),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),  # a diverged trial stays failed
+        ),
+    )
+    log.info("search: %d trials, %d at once, Ray %s", space.trials, concurrency, ray.__version__)
+    results = tuner.fit()
+    close_study(experiment)
+    return results
+
+
+def resume_search(experiment: Experiment, retry_failed: bool = False) -> Any:
+    """Continue a search whose driver stopped: finished trials kept, unfinished ones resumed
+    from their checkpoints (and trial folders), errored ones retried when asked."""
+    tuner = tune.Tuner.restore(
+        experiment.tune_path,
+        trainable=_trainable_for(experiment),
+        resume_unfinished=True,
+        resume_errored=retry_failed,
+    )
+    results = tuner.fit()
+    close_study(experiment)
+    return results
+
+
+def close_study(experiment: Experiment) -> int:
+    """After a search ends, no study trial may stay RUNNING: mark leftovers FAIL."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    storage = JournalStorage(JournalFileBackend(str(experiment.study)))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+        closed += 1
+    if closed:
+        log.warning("marked %d study trial(s) left RUNNING as FAIL", closed)
+    return closed

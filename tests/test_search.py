@@ -1,0 +1,200 @@
+"""The search end to end on the tiny model: front, failed and stopped trials, study state, export.
+
+One search of 5 short trials (about a minute on 2 cores) feeds most tests: three ordinary
+trials, one seeded with an absurd learning rate (it diverges) and one that a Tune scheduler
+stops early.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from atp_ray.cli import main
+from tests.conftest import tiny_run_config
+
+
+
+def write_space(tmp_path, model_dir, trials, points=(), **extra) -> Path:
+    base = tiny_run_config(
+        model_dir, train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"}
+    )
+    base["data"]["max_documents"] = 200
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    space = {
+        "base": "base.yaml",
+        "knobs": {
+            "atp.sparsity": {"uniform": [0.2, 0.7]},
+            "atp.lasso_weight": {"loguniform": [0.001, 0.1]},
+            "train.lr": {"choice": [0.001, 1e30]},
+        },
+        "objectives": [{"name": "quality"}, {"name": "params"}],
+        "sampler": {"name": "random", "seed": 3},
+        "trials": trials,
+        "concurrency": 2,
+        "resources": {"cpus_per_worker": 1},
+        "points_to_evaluate": list(points),
+    }
+    space.update(extra)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def dominated(point, others):
+    return any(np.all(o <= point) and np.any(o < point) for o in others)
+
+
+def study_states(experiment: Path) -> list[str]:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(experiment / "study.journal")))
+    return [t.state.name for t in optuna.load_study(study_name="atp-ray", storage=storage).trials]
+
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, tiny_model_dir, tmp_path_factory, monkeypatch_module):
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class StopTrial(FIFOScheduler):
+        """Stops the trial with atp.sparsity 0.69 at its first report (a trial seeded for it)."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if trial.config.get("atp.sparsity") == 0.69:
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+    from atp_ray.search import tuner
+
+    monkeypatch_module.setattr(tuner, "_scheduler", lambda experiment: StopTrial())
+    tmp = tmp_path_factory.mktemp("search")
+    points = [
+        {"atp.sparsity": 0.3, "atp.lasso_weight": 0.01, "train.lr": 1e30},  # diverges
+        {"atp.sparsity": 0.69, "atp.lasso_weight": 0.01, "train.lr": 0.001},  # stopped early
+        {"atp.sparsity": 0.2, "atp.lasso_weight": 0.01, "train.lr": 0.001},
+        {"atp.sparsity": 0.5, "atp.lasso_weight": 0.01, "train.lr": 0.001},
+        {"atp.sparsity": 0.6, "atp.lasso_weight": 0.05, "train.lr": 0.001},
+    ]
+    space = write_space(tmp, tiny_model_dir, trials=5, points=points)
+    out = tmp / "exp"
+    assert main(["search", "--space", str(space), "--out", str(out)]) == 0
+    return out, pd.read_csv(out / "report" / "trials.csv")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_search_runs_the_budget_and_fronts_non_dominated_completed_trials(search):
+    out, table = search
+    assert len(table) == 5 and table["trial_id"].is_unique
+    completed = table[table.status == "COMPLETED"]
+    assert len(completed) == 3
+    front = pd.read_csv(out / "report" / "front.csv")
+    assert len(front) > 0 and set(front.trial_id) <= set(completed.trial_id)
+    values = completed[["obj.quality", "obj.params"]].to_numpy()
+    for _, row in front.iterrows():
+        assert not dominated(row[["obj.quality", "obj.params"]].to_numpy(dtype=float), values)
+    assert all(Path(p).is_dir() for p in completed.model_path)
+    assert (completed.wall_time_s > 0).all()
+
+
+def test_diverged_trial_is_failed_with_its_reason_and_told_to_optuna(search):
+    out, table = search
+    failed = table[table.status == "FAILED"]
+    assert len(failed) == 1 and failed.iloc[0]["knob.train.lr"] == 1e30
+    assert "diverged" in failed.iloc[0].failure_reason
+    assert math.isnan(failed.iloc[0]["obj.quality"])
+    states = study_states(out)
+    assert sorted(states) == ["COMPLETE"] * 3 + ["FAIL", "PRUNED"]
+
+
+def test_stopped_trial_is_recorded_and_never_on_the_front(search):
+    out, table = search
+    stopped = table[table.status == "STOPPED"]
+    assert list(stopped["knob.atp.sparsity"]) == [0.69]
+    front = pd.read_csv(out / "report" / "front.csv")
+    assert stopped.iloc[0].trial_id not in set(front.trial_id)
+
+
+def test_every_trial_logs_to_tensorboard(search):
+    out, table = search
+    for trial_id in table.trial_id:
+        assert list((out / "tune" / trial_id).glob("events.out.tfevents.*")), trial_id
+
+
+def test_export_hands_over_a_loadable_front_model(search, tmp_path):
+    import torch
+
+    from atp_ray import load_compressed
+
+    out, table = search
+    front = pd.read_csv(out / "report" / "front.csv")
+    trial = front.iloc[0]
+    dest = tmp_path / "model"
+    assert main(["export", str(out), "--trial", trial.trial_id, "--out", str(dest)]) == 0
+    model = load_compressed(dest)
+    assert sum(p.numel() for p in model.parameters()) == trial["obj.params"]
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 64
+
+
+def test_export_of_an_unfinished_trial_is_a_clear_error(search, tmp_path, capsys):
+    out, table = search
+    failed = table[table.status == "FAILED"].iloc[0].trial_id
+    assert main(["export", str(out), "--trial", failed, "--out", str(tmp_path / "m")]) == 2
+    assert "has not finished" in capsys.readouterr().err
+
+
+def _wait_for(condition, timeout: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_local, tiny_model_dir, tmp_path):
+    """SIGKILL the search's driver once a trial has finished and another is running; resume."""
+    space = write_space(tmp_path, tiny_model_dir, trials=4, knobs={"atp.sparsity": {"uniform": [0.2, 0.7]}})
+    out = tmp_path / "exp"
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atp_ray.cli", "search", "--space", str(space), "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        trials = out / "trials"
+        finished = lambda: [p for p in trials.glob("*/objectives.json")] if trials.is_dir() else []
+        running = lambda: [p for p in trials.glob("*/trial.json") if json.loads(p.read_text())["status"] == "RUNNING"]
+        _wait_for(lambda: finished() and running() and (out / "tune").is_dir(), 300, "a finished and a running trial", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(finished()) < 4
+
+    assert main(["resume", str(out)]) == 0
+    table = pd.read_csv(out / "report" / "trials.csv")
+    assert len(table) == 4 and table.trial_id.is_unique
+    assert (table.status == "COMPLETED").all(), table[["trial_id", "status", "failure_reason"]]
+    assert len(list(trials.iterdir())) == 4  # no trial ran that the table does not show
+    states = study_states(out)
+    assert "RUNNING" not in states and states.count("COMPLETE") == 4

@@ -1,0 +1,78 @@
+"""Search spaces: every shipped one validates; each kind of mistake gives one clear error (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atp_ray.cli import main
+from atp_ray.errors import ConfigError
+from atp_ray.search.space import load_space
+
+SPACES = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
+
+
+def test_the_three_spaces_ship():
+    assert {p.stem for p in SPACES} >= {"demo", "healthcare", "legal"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_every_shipped_space_validates(path):
+    space, base = load_space(path)
+    assert space.searched and space.objective_list()
+    for point in space.points_to_evaluate:  # the seeded points build valid run configs
+        assert space.run_config(point, base).model.path == base["model"]["path"]
+
+
+def _space(tmp_path, **changes):
+    raw = {
+        "base": {"model": {"path": "embedded:smollm2-135m-instruct"}},
+        "knobs": {"atp.sparsity": {"uniform": [0.2, 0.6]}, "atp.lasso_weight": {"loguniform": [0.001, 0.1]}},
+        "objectives": [{"name": "quality"}, {"name": "params"}],
+    }
+    raw.update(changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+BAD = {
+    "unknown key": (dict(knobs={"atp.sparsty": {"uniform": [0.2, 0.6]}}), "'atp.sparsty' is not a run-config key"),
+    "bad distribution": (dict(knobs={"atp.sparsity": {"normal": [0.2, 0.6]}}), "knobs.atp.sparsity.normal: unknown key"),
+    "empty range": (dict(knobs={"atp.sparsity": {"uniform": [0.6, 0.6]}}), "empty range: low must be below high"),
+    "unknown objective": (dict(objectives=[{"name": "quality"}, {"name": "speed"}]), "unknown objective 'speed'"),
+    "range the run config rejects": (dict(knobs={"atp.sparsity": {"uniform": [0.2, 1.5]}}), "atp.sparsity=1.5"),
+    "point outside the space": (
+        dict(points_to_evaluate=[{"atp.sparsity": 0.9, "atp.lasso_weight": 0.01}]),
+        "atp.sparsity=0.9 is outside",
+    ),
+    "early stopping on a final-only objective": (
+        dict(objectives=[{"name": "accuracy", "task": "hpo-term"}], early_stopping={"enabled": True}),
+        "accuracy is only known at the end",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_space_gives_one_clear_error(case, tmp_path):
+    changes, message = BAD[case]
+    with pytest.raises(ConfigError) as err:
+        load_space(_space(tmp_path, **changes))
+    assert len(err.value.problems) == 1 and message in err.value.problems[0]
+
+
+def test_search_with_a_bad_space_exits_2_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    ray_was_up = ray.is_initialized()  # another test module's session Ray may be up
+    path = _space(tmp_path, knobs={"atp.sparsity": {"uniform": [0.6, 0.2]}})
+    assert main(["search", "--space", str(path), "--out", str(tmp_path / "exp")]) == 2
+    assert "empty range" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists() and ray.is_initialized() == ray_was_up
+
+
+def test_command_line_overrides_and_trials_apply_to_every_trial(tmp_path):
+    space, base = load_space(_space(tmp_path), ["train.steps=7"], trials=3)
+    assert space.trials == 3 and space.run_config({"atp.sparsity": 0.5}, base).train.steps == 7

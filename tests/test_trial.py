@@ -1,0 +1,76 @@
+"""run_trial: train -> compress -> evaluate, the per-step report hook, idempotent restarts, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from atp_ray.config import load_config
+from atp_ray.search.objectives import Objective
+from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
+from tests.conftest import tiny_run_config
+
+OBJECTIVES = [Objective("quality", "min"), Objective("params", "min"), Objective("flops", "min")]
+
+
+def _config(model_dir, **train):
+    raw = tiny_run_config(model_dir, train={"steps": 6, "log_every": 2, "checkpoint_every": 3, "eval_every": 2, **train})
+    raw["data"]["max_documents"] = 200
+    return load_config(raw)
+
+
+@pytest.fixture(scope="module")
+def finished_trial(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trial")
+    reports = []
+    values = run_trial(_config(tiny_model_dir), out, objectives=OBJECTIVES, report=reports.append)
+    return out, values, reports
+
+
+def test_trial_reports_every_objective_and_ends_with_final_values(finished_trial):
+    out, values, reports = finished_trial
+    assert set(values) == {"quality", "params", "flops"}
+    assert all(math.isfinite(v) and v > 0 for v in values.values())
+    # intermediate reports at each held-out evaluation (steps 2, 4), then the final one
+    assert [r["step"] for r in reports] == [2, 4, 6]
+    assert all({"quality", "params", "flops"} <= set(r) for r in reports)
+    assert [r["final"] for r in reports] == [0.0, 0.0, 1.0]
+    assert "eval_perplexity" in reports[0] and reports[0]["quality"] == reports[0]["eval_perplexity"]
+
+
+def test_quality_is_the_run_summary_perplexity(finished_trial):
+    out, values, _ = finished_trial
+    summary = json.loads(TrialFolder(out).run.summary.read_text())
+    # one definition: the compressed model's held-out perplexity = the masked run's final one
+    assert values["quality"] == pytest.approx(summary["eval_perplexity"], rel=1e-4)
+
+
+def test_eval_every_is_logged_to_metrics(finished_trial):
+    out, _, _ = finished_trial
+    rows = [json.loads(line) for line in TrialFolder(out).run.metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_perplexity" in r] == [2, 4]
+
+
+def test_trial_restarted_after_compression_failed_finishes_from_disk(finished_trial, tiny_model_dir, tmp_path):
+    import shutil
+
+    out, values, _ = finished_trial
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    folder = TrialFolder(copy)
+    folder.objectives.unlink()
+    shutil.rmtree(folder.compressed)  # as if it died before compressing
+    summary_mtime = folder.run.summary.stat().st_mtime_ns
+    again = run_trial(_config(tiny_model_dir), copy, objectives=OBJECTIVES)
+    assert folder.run.summary.stat().st_mtime_ns == summary_mtime  # not trained again
+    assert again["params"] == values["params"] and again["quality"] == pytest.approx(values["quality"], rel=1e-5)
+    # and a finished trial just answers its objectives
+    assert run_trial(_config(tiny_model_dir), copy, objectives=OBJECTIVES) == again
+
+
+def test_diverging_trial_stops_with_a_clear_reason(tiny_model_dir, tmp_path):
+    with pytest.raises(TrialDiverged, match="not finite"):
+        run_trial(_config(tiny_model_dir, lr=1e30), tmp_path / "nan", objectives=OBJECTIVES)
+    assert not TrialFolder(tmp_path / "nan").objectives.exists()
