@@ -5,12 +5,14 @@ compression would remove with it), as in LLM-Pruner's magnitude criterion. The u
 mask keeps the same attention shape in every layer (the KV-group x query-slot grid
 whose kept share of attention parameters is closest to the target) and then solves for
 the number of MLP channels that brings the whole model to the target sparsity, to within
-one channel. Used for benchmarks and as a one-shot baseline mask.
+one channel. Used for benchmarks and, with any importance score (atp_ray.importance),
+as the two-step baseline's mask.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +85,29 @@ def _top(scores: Tensor, count: int) -> Tensor:
     return mask
 
 
+def uniform_masks(
+    space: PruningSpace, scores: Sequence[Mapping[UnitKind, Tensor]], sparsity: float, channel_multiple: int = 1
+) -> dict[UnitGroup, Tensor]:
+    """A hard mask removing ``sparsity`` of the prunable parameters, lowest-scoring units first.
+
+    ``scores[layer][kind]`` ranks the units of one kind in one layer (higher = keep); every
+    layer keeps the same attention shape, and the sparsity is met to within
+    ``channel_multiple`` MLP channels (see mlp_channels_per_layer).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    groups, slots = attention_shape(space, 1.0 - sparsity)
+    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
+    keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
+    masks = {}
+    for index, layer_scores_ in enumerate(scores):
+        for kind, count in {**keep, UnitKind.MLP_CHANNEL: channels[index]}.items():
+            group = space.group(index, kind)
+            if group is not None:  # no query slots without GQA
+                masks[group] = _top(layer_scores_[kind], count)
+    return masks
+
+
 def uniform_magnitude_masks(
     model: nn.Module, space: PruningSpace, sparsity: float, channel_multiple: int = 1
 ) -> dict[UnitGroup, Tensor]:
@@ -92,14 +117,4 @@ def uniform_magnitude_masks(
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    groups, slots = attention_shape(space, 1.0 - sparsity)
-    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
-    keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
-    masks = {}
-    for index, layer in enumerate(space.layout.layers(model)):
-        scores = layer_scores(layer, space)
-        for kind, count in {**keep, UnitKind.MLP_CHANNEL: channels[index]}.items():
-            group = space.group(index, kind)
-            if group is not None:  # no query slots without GQA
-                masks[group] = _top(scores[kind], count)
-    return masks
+    return uniform_masks(space, [layer_scores(layer, space) for layer in space.layout.layers(model)], sparsity, channel_multiple)
