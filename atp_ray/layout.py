@@ -130,7 +130,11 @@ LAYOUTS: dict[str, DecoderLayout] = {"llama": LLAMA_LAYOUT, "mistral": LLAMA_LAY
 
 
 def layout_of(model: nn.Module) -> DecoderLayout:
-    """The layout of a model (peft-wrapped or not), from its config's model_type."""
+    """The layout of a model (peft-wrapped or not), from its config's model_type.
+
+    Unknown types get Llama's names: finding layers must work on any Llama-like decoder;
+    whether it can be *pruned* is checked where its PruningSpace is built.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return LAYOUTS.get(model_type, LLAMA_LAYOUT)
 

@@ -28,6 +28,9 @@ def _weight_squares(module: nn.Module, axis: Axis) -> Tensor:
 def unit_scores(layer: nn.Module, space: PruningSpace, values: Values) -> dict[UnitKind, Tensor]:
     """Square roots of per-unit sums of ``values`` over the weights each unit of one layer owns.
 
+    (For magnitude that is each unit's L2 norm; for other criteria the root only rescales,
+    since scores rank units within one kind of one layer.)
+
     ``values`` maps a projection to a non-negative weight-shaped tensor (squared weights for
     magnitude; see atp_ray.importance for others). A KV group sums its KV heads and all its
     query heads; a query slot sums that head in every group.
