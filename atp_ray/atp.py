@@ -34,6 +34,7 @@ from atp_ray.config import RunConfig
 from atp_ray.data import BatchStream, build_splits
 from atp_ray.evaluate import perplexity
 from atp_ray.generator import PruningGenerator, detach_masks
+from atp_ray.importance import IMPORTANCE, importance_masks
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_tokenizer
@@ -117,6 +118,7 @@ class ATPRecipe:
         )
         self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
         self.space = PruningSpace.from_config(self.model.config)
+        fixed_masks = self._fixed_masks(self.model)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
         self.dense_params = sum(
@@ -137,12 +139,37 @@ class ATPRecipe:
         self.autocast = functools.partial(_autocast, precision, self.device)
 
         self.step = 0
-        self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = None
-        self.freeze_step: int | None = None
+        # A baseline's mask is frozen from step 0, so it never trains the generator.
+        self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = fixed_masks
+        self.freeze_step: int | None = None if fixed_masks is None else 0
         self.steps_within_tolerance = 0
         self._resume()
         if self.context.is_main:
             _truncate_metrics(self.folder.metrics, self.step)
+
+    def _fixed_masks(self, model: torch.nn.Module) -> dict[UnitGroup, torch.Tensor] | None:
+        """The mask a baseline tunes under from step 0; None for ATP, whose generator learns it.
+
+        two-step scores units once on the first calibration batches (baseline.importance) and
+        keeps the best at atp.sparsity, uniform per layer; lora keeps every unit.
+        """
+        cfg = self.config
+        if cfg.method == "atp":
+            return None
+        if cfg.method == "lora":
+            return {g: m.to(self.device) for g, m in self.space.full_masks().items()}
+        batches = [self._to_device(self.calibration_stream.batch(i)) for i in range(cfg.baseline.calibration_batches)]
+        with _autocast(cfg.train.precision, self.device):
+            masks = importance_masks(
+                model,
+                self.space,
+                cfg.atp.sparsity,
+                IMPORTANCE[cfg.baseline.importance],
+                batches,
+                cfg.atp.mlp_channel_multiple,
+            )
+        log.info("%s mask (%s): sparsity %.4f", cfg.method, cfg.baseline.importance, self.space.sparsity(masks))
+        return self.context.broadcast_masks(masks)  # ranks scored different calibration shards
 
     def _prepare_folder(self) -> None:
         folder = self.folder
@@ -305,6 +332,8 @@ class ATPRecipe:
     def _lasso_weight(self) -> float:
         """lambda, rising linearly to lambda x multiplier over the final ramp of the run."""
         atp, steps = self.config.atp, self.config.train.steps
+        if self.config.method != "atp":
+            return 0.0  # prune-then-tune has no lasso: cut units' LoRA weights are cut with them
         ramp_start = steps * (1 - atp.lasso_ramp_fraction)
         if atp.lasso_ramp_fraction == 0 or self.step < ramp_start:
             return atp.lasso_weight

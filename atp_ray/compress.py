@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.errors import CompressionError
-from atp_ray.masking import decoder_layers
+from atp_ray.layout import LAYOUTS, count_params  # count_params: re-exported for callers
 from atp_ray.modeling import DTYPES, load_run_model, load_tokenizer
 from atp_ray.run_folder import RunFolder, atomic_write_json
 from atp_ray.structures import Masks, PruningSpace
@@ -77,11 +77,6 @@ def read_record(model_dir: str | Path) -> CompressionRecord:
     return CompressionRecord.from_json(json.loads(path.read_text()))
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters of ``model``, tied ones counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # -- compressing --------------------------------------------------------------------------
 def kept_units(space: PruningSpace, masks: Masks, layer: int) -> KeptUnits:
     """The units a hard mask keeps in ``layer``.
@@ -112,9 +107,9 @@ def compress_model(model: PreTrainedModel, space: PruningSpace, masks: Masks, so
     _check_hard(space, masks)
     dense = count_params(model)
     widths = []
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, layer in enumerate(space.layout.layers(model)):
         kept = kept_units(space, masks, index)
-        shrink_layer(layer, kept)
+        shrink_layer(layer, kept, space.layout)
         widths.append(kept.widths)
     params = count_params(model)
     return CompressionRecord(
@@ -200,8 +195,9 @@ def load_compressed(model_dir: str | Path, dtype: str | None = None) -> PreTrain
         )
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    for layer, widths in zip(decoder_layers(model), record.layers):
-        shrink_layer(layer, KeptUnits.first(widths))
+    layout = LAYOUTS[record.model_type]
+    for layer, widths in zip(layout.layers(model), record.layers):
+        shrink_layer(layer, KeptUnits.first(widths), layout)
     _fill(model, model_dir)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)

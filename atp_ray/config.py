@@ -227,6 +227,25 @@ class ATPSettings(_Section):
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")
+    mlp_channel_multiple: int = Field(
+        1, gt=0, description="kept MLP channels per layer rounded to a multiple of this when the mask is frozen"
+    )
+
+
+# Importance criteria of the two-step baseline (atp_ray.importance.IMPORTANCE; a test keeps them equal).
+IMPORTANCE_CRITERIA = ("magnitude", "taylor")
+METHODS = ("atp", "two-step", "lora")
+
+
+class BaselineSettings(_Section):
+    """How method=two-step picks its mask (ignored by atp and lora)."""
+
+    importance: Literal[IMPORTANCE_CRITERIA] = Field(
+        "magnitude", description="unit score: magnitude (weight L2 norm) or taylor (sum of |w * dL/dw|)"
+    )
+    calibration_batches: int = Field(
+        8, gt=0, description="calibration batches whose mean loss gives taylor's gradients"
+    )
 
     @model_validator(mode="after")
     def _ramp_after_control(self) -> ATPSettings:
@@ -298,12 +317,19 @@ class DistributedConfig(_Section):
 
 
 class RunConfig(_Section):
-    """One ATP run: what to prune, on what data, how."""
+    """One run: what to prune, on what data, how.
 
+    ``method`` picks where the mask comes from: atp learns it (the generator), two-step
+    scores units once and cuts them before tuning (``baseline``), lora prunes nothing
+    (the dense reference). Everything else (data, LoRA, steps, learning rates) is shared.
+    """
+
+    method: Literal[METHODS] = Field("atp", description="atp | two-step (prune, then tune) | lora (dense LoRA)")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     atp: ATPSettings = Field(default_factory=ATPSettings)
+    baseline: BaselineSettings = Field(default_factory=BaselineSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from atp_ray.masking import decoder_layers
+from atp_ray.layout import Axis, Role
 from atp_ray.structures import Masks, PruningSpace, UnitKind
 
 # Inside the square root so its gradient stays finite when a group is already all zero.
@@ -17,29 +17,28 @@ def ratio_loss(kept_fraction: Tensor, target_kept_fraction: float) -> Tensor:
     return (torch.log(kept_fraction) - torch.log(torch.as_tensor(target_kept_fraction))).abs()
 
 
-def _lora_weight(module: nn.Module, which: str, adapter: str) -> Tensor | None:
-    """The LoRA A or B weight of a peft LoRA layer, or None if the module has no LoRA."""
-    table = getattr(module, which, None)
-    if not isinstance(table, nn.ModuleDict) or adapter not in table:
-        return None
-    return table[adapter].weight
+def _lora_squares(adapter: str):
+    """Squared LoRA weights a unit owns: lora_B rows of a projection it writes, lora_A columns of one it reads."""
+
+    def values(module: nn.Module, axis: Axis) -> Tensor | None:
+        table = getattr(module, "lora_B" if axis is Axis.ROWS else "lora_A", None)
+        if not isinstance(table, nn.ModuleDict) or adapter not in table:
+            return None  # a projection without LoRA contributes nothing
+        return table[adapter].weight.pow(2)
+
+    return values
 
 
-def _row_squares(module: nn.Module, adapter: str, groups: int) -> Tensor | None:
-    """Sum of squares of lora_B rows, split into ``groups`` equal consecutive blocks."""
-    b = _lora_weight(module, "lora_B", adapter)  # [out_features, r]
-    return None if b is None else b.pow(2).reshape(groups, -1).sum(1)
+def _or_zeros(value: Tensor | None, size: int, device: torch.device) -> Tensor:
+    return value if value is not None else torch.zeros(size, device=device)
 
 
-def _column_squares(module: nn.Module, adapter: str, groups: int) -> Tensor | None:
-    """Sum of squares of lora_A columns, split into ``groups`` equal consecutive blocks."""
-    a = _lora_weight(module, "lora_A", adapter)  # [r, in_features]
-    return None if a is None else a.pow(2).sum(0).reshape(groups, -1).sum(1)
-
-
-def _total(parts: list[Tensor | None], like: Tensor) -> Tensor:
-    present = [p for p in parts if p is not None]
-    return sum(present) if present else torch.zeros_like(like)
+def _lora_device(model: nn.Module, adapter: str) -> torch.device:
+    """Where the LoRA weights live: the zeros standing in for skipped projections must be there too."""
+    for name, param in model.named_parameters():
+        if "lora_" in name and f".{adapter}." in name:
+            return param.device
+    return torch.device("cpu")
 
 
 def lora_group_lasso(model: nn.Module, space: PruningSpace, masks: Masks, adapter: str = "default") -> Tensor:
@@ -48,22 +47,16 @@ def lora_group_lasso(model: nn.Module, space: PruningSpace, masks: Masks, adapte
     A query head owns its lora_B rows of q_proj and lora_A columns of o_proj; a KV group
     owns its rows of k_proj/v_proj plus all its query heads; a query slot owns that
     head in every group; an MLP channel owns its lora_B rows of gate/up and lora_A column
-    of down_proj. Kept units and projections without LoRA contribute nothing.
+    of down_proj (see atp_ray.layout). Kept units and projections without LoRA contribute nothing.
     """
-    # Zeros on the masks' device: projections without LoRA must not add CPU tensors on a GPU.
-    device = next(iter(masks.values())).device
+    layout, values = space.layout, _lora_squares(adapter)
+    device = _lora_device(model, adapter)
     total = torch.zeros((), device=device)
-    for index, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
+    for index, layer in enumerate(layout.layers(model)):
+        heads = _or_zeros(layout.role_sums(layer, Role.QUERY_HEAD, space.num_heads, values), space.num_heads, device)
+        heads = heads.reshape(space.num_kv_heads, space.queries_per_group)
+        kv = _or_zeros(layout.role_sums(layer, Role.KV_HEAD, space.num_kv_heads, values), space.num_kv_heads, device)
         kv_mask = space.kv_head_mask(masks, index).detach()
-        heads = _total(
-            [_row_squares(attn.q_proj, adapter, space.num_heads), _column_squares(attn.o_proj, adapter, space.num_heads)],
-            torch.zeros(space.num_heads, device=device),
-        ).reshape(space.num_kv_heads, space.queries_per_group)
-        kv = _total(
-            [_row_squares(attn.k_proj, adapter, space.num_kv_heads), _row_squares(attn.v_proj, adapter, space.num_kv_heads)],
-            kv_mask,
-        )
         group_norms = (kv + heads.sum(1) + _NORM_EPS).sqrt()
         total = total + ((1 - kv_mask) * group_norms).sum()
         slots = space.group(index, UnitKind.QUERY_SLOT)
@@ -71,13 +64,7 @@ def lora_group_lasso(model: nn.Module, space: PruningSpace, masks: Masks, adapte
             slot_norms = (heads.sum(0) + _NORM_EPS).sqrt()
             total = total + ((1 - masks[slots].detach()) * slot_norms).sum()
         channel_mask = space.mlp_mask(masks, index).detach()
-        channels = _total(
-            [
-                _row_squares(mlp.gate_proj, adapter, space.intermediate_size),
-                _row_squares(mlp.up_proj, adapter, space.intermediate_size),
-                _column_squares(mlp.down_proj, adapter, space.intermediate_size),
-            ],
-            channel_mask,
-        )
+        channels = layout.role_sums(layer, Role.MLP_CHANNEL, space.intermediate_size, values)
+        channels = _or_zeros(channels, space.intermediate_size, device)
         total = total + ((1 - channel_mask) * (channels + _NORM_EPS).sqrt()).sum()
     return total

@@ -5,45 +5,52 @@ compression would remove with it), as in LLM-Pruner's magnitude criterion. The u
 mask keeps the same attention shape in every layer (the KV-group x query-slot grid
 whose kept share of attention parameters is closest to the target) and then solves for
 the number of MLP channels that brings the whole model to the target sparsity, to within
-one channel. Used for benchmarks and as a one-shot baseline mask.
+one channel. Used for benchmarks and, with any importance score (atp_ray.importance),
+as the two-step baseline's mask.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from atp_ray.masking import decoder_layers
+from atp_ray.layout import Axis, Role, Values
 from atp_ray.structures import PruningSpace, UnitGroup, UnitKind
 
 
-def _head_sq(weight: Tensor, heads: int, head_dim: int, dim: int) -> Tensor:
-    """Sum of squares per head of a projection, heads laid out along ``dim``."""
-    w = weight.float().pow(2)
-    w = w if dim == 0 else w.t()
-    return w.reshape(heads, head_dim, -1).sum(dim=(1, 2))
+def _weight_squares(module: nn.Module, axis: Axis) -> Tensor:
+    return module.weight.float().pow(2)
 
 
-@torch.no_grad()
-def layer_scores(layer: nn.Module, space: PruningSpace) -> dict[UnitKind, Tensor]:
-    """L2 norms of the weights each unit of one decoder layer owns (biases left out)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    d, q, kv = space.head_dim, space.num_heads, space.num_kv_heads
-    query = _head_sq(attn.q_proj.weight, q, d, 0) + _head_sq(attn.o_proj.weight, q, d, 1)
-    grid = query.reshape(kv, space.queries_per_group)  # [group, slot]
-    kv_own = _head_sq(attn.k_proj.weight, kv, d, 0) + _head_sq(attn.v_proj.weight, kv, d, 0)
-    channel = (
-        mlp.gate_proj.weight.float().pow(2).sum(1)
-        + mlp.up_proj.weight.float().pow(2).sum(1)
-        + mlp.down_proj.weight.float().pow(2).sum(0)
-    )
+def unit_scores(layer: nn.Module, space: PruningSpace, values: Values) -> dict[UnitKind, Tensor]:
+    """Square roots of per-unit sums of ``values`` over the weights each unit of one layer owns.
+
+    (For magnitude that is each unit's L2 norm; for other criteria the root only rescales,
+    since scores rank units within one kind of one layer.)
+
+    ``values`` maps a projection to a non-negative weight-shaped tensor (squared weights for
+    magnitude; see atp_ray.importance for others). A KV group sums its KV heads and all its
+    query heads; a query slot sums that head in every group.
+    """
+    layout = space.layout
+    query = layout.role_sums(layer, Role.QUERY_HEAD, space.num_heads, values)
+    grid = query.reshape(space.num_kv_heads, space.queries_per_group)  # [group, slot]
+    kv_own = layout.role_sums(layer, Role.KV_HEAD, space.num_kv_heads, values)
+    channel = layout.role_sums(layer, Role.MLP_CHANNEL, space.intermediate_size, values)
     return {
         UnitKind.KV_GROUP: (kv_own + grid.sum(1)).sqrt(),
         UnitKind.QUERY_SLOT: grid.sum(0).sqrt(),
         UnitKind.MLP_CHANNEL: channel.sqrt(),
     }
+
+
+@torch.no_grad()
+def layer_scores(layer: nn.Module, space: PruningSpace) -> dict[UnitKind, Tensor]:
+    """L2 norms of the weights each unit of one decoder layer owns (biases left out)."""
+    return unit_scores(layer, space, _weight_squares)
 
 
 def attention_shape(space: PruningSpace, keep: float) -> tuple[int, int]:
@@ -81,6 +88,29 @@ def _top(scores: Tensor, count: int) -> Tensor:
     return mask
 
 
+def uniform_masks(
+    space: PruningSpace, scores: Sequence[Mapping[UnitKind, Tensor]], sparsity: float, channel_multiple: int = 1
+) -> dict[UnitGroup, Tensor]:
+    """A hard mask removing ``sparsity`` of the prunable parameters, lowest-scoring units first.
+
+    ``scores[layer][kind]`` ranks the units of one kind in one layer (higher = keep); every
+    layer keeps the same attention shape, and the sparsity is met to within
+    ``channel_multiple`` MLP channels (see mlp_channels_per_layer).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    groups, slots = attention_shape(space, 1.0 - sparsity)
+    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
+    keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
+    masks = {}
+    for index, layer_scores_ in enumerate(scores):
+        for kind, count in {**keep, UnitKind.MLP_CHANNEL: channels[index]}.items():
+            group = space.group(index, kind)
+            if group is not None:  # no query slots without GQA
+                masks[group] = _top(layer_scores_[kind], count)
+    return masks
+
+
 def uniform_magnitude_masks(
     model: nn.Module, space: PruningSpace, sparsity: float, channel_multiple: int = 1
 ) -> dict[UnitGroup, Tensor]:
@@ -90,14 +120,4 @@ def uniform_magnitude_masks(
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    groups, slots = attention_shape(space, 1.0 - sparsity)
-    channels = mlp_channels_per_layer(space, 1.0 - sparsity, groups, slots, channel_multiple)
-    keep = {UnitKind.KV_GROUP: groups, UnitKind.QUERY_SLOT: slots}
-    masks = {}
-    for index, layer in enumerate(decoder_layers(model)):
-        scores = layer_scores(layer, space)
-        for kind, count in {**keep, UnitKind.MLP_CHANNEL: channels[index]}.items():
-            group = space.group(index, kind)
-            if group is not None:  # no query slots without GQA
-                masks[group] = _top(scores[kind], count)
-    return masks
+    return uniform_masks(space, [layer_scores(layer, space) for layer in space.layout.layers(model)], sparsity, channel_multiple)

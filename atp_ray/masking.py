@@ -1,7 +1,8 @@
 """Applying unit masks to a live decoder, reversibly.
 
 A masked query head or MLP channel must contribute nothing, exactly as if it were cut.
-We multiply the *input* of o_proj (per query head) and of down_proj (per channel): that
+We multiply the *input* of the projection that writes a unit's output to the residual
+stream (o_proj per query head, down_proj per channel; see ``DecoderLayout.output``): that
 zeroes everything the unit writes to the residual stream, including its LoRA path when
 the projection is a peft LoRA layer, since the hook sits on the module the layer calls.
 A KV head only feeds the query heads of its group, so masking those heads masks it too.
@@ -17,13 +18,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from atp_ray.layout import Role, decoder_layers
 from atp_ray.structures import Masks, PruningSpace
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM, a peft-wrapped one included."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+__all__ = ["decoder_layers", "masked"]  # decoder_layers lives in atp_ray.layout; kept importable here
 
 
 def _scale_input(mask: Tensor):
@@ -38,12 +36,13 @@ def _scale_input(mask: Tensor):
 def masked(model: nn.Module, space: PruningSpace, masks: Masks) -> Iterator[nn.Module]:
     """Run ``model`` with ``masks`` applied; gradients flow into the mask values."""
     handles = []
+    heads_out, channels_out = space.layout.output(Role.QUERY_HEAD), space.layout.output(Role.MLP_CHANNEL)
     try:
-        for index, layer in enumerate(decoder_layers(model)):
+        for index, layer in enumerate(space.layout.layers(model)):
             heads = space.query_head_mask(masks, index).repeat_interleave(space.head_dim)
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(_scale_input(heads)))
+            handles.append(heads_out.module(layer).register_forward_pre_hook(_scale_input(heads)))
             channels = space.mlp_mask(masks, index)
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(_scale_input(channels)))
+            handles.append(channels_out.module(layer).register_forward_pre_hook(_scale_input(channels)))
         yield model
     finally:
         for handle in handles:

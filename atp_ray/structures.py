@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from atp_ray.errors import UnsupportedArchitectureError
+from atp_ray.layout import LAYOUTS, DecoderLayout
 
 
 class UnitKind(str, enum.Enum):
@@ -120,6 +121,11 @@ class PruningSpace:
         )
 
     # -- shape -----------------------------------------------------------------------
+    @property
+    def layout(self) -> DecoderLayout:
+        """Where each unit's weights are in a decoder layer of this architecture."""
+        return LAYOUTS[self.model_type]
+
     @property
     def queries_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from atp_ray.layout import LLAMA_LAYOUT, Axis, DecoderLayout, Role
+
 
 @dataclass(frozen=True)
 class LayerWidths:
@@ -108,31 +110,35 @@ def head_rows(heads: Tensor, head_dim: int) -> Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def shrink_attention(layer: nn.Module, kept: KeptUnits) -> None:
+_TAKE = {Axis.ROWS: take_rows, Axis.COLUMNS: take_columns}
+
+
+def _shrink(layer: nn.Module, layout: DecoderLayout, role: Role, indices: Tensor) -> None:
+    """Keep only the rows/columns ``indices`` of every projection ``role`` owns in ``layer``."""
+    for piece in layout.slices[role]:
+        piece.replace(layer, _TAKE[piece.axis](piece.module(layer), indices))
+
+
+def shrink_attention(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
     """Keep only ``kept``'s heads in ``layer.self_attn``; a layer without heads becomes headless."""
     attn = layer.self_attn
     q_rows = head_rows(kept.query_heads, attn.head_dim)
-    o_proj = take_columns(attn.o_proj, q_rows)
     if len(kept.query_heads) == 0:
+        output = layout.output(Role.QUERY_HEAD)
+        o_proj = take_columns(output.module(layer), q_rows)
         layer.self_attn = HeadlessAttention(o_proj, attn.layer_idx, attn.head_dim)
         return
-    kv_rows = head_rows(kept.kv_heads, attn.head_dim)
-    attn.q_proj = take_rows(attn.q_proj, q_rows)
-    attn.k_proj = take_rows(attn.k_proj, kv_rows)
-    attn.v_proj = take_rows(attn.v_proj, kv_rows)
-    attn.o_proj = o_proj
+    _shrink(layer, layout, Role.QUERY_HEAD, q_rows)
+    _shrink(layer, layout, Role.KV_HEAD, head_rows(kept.kv_heads, attn.head_dim))
     attn.num_key_value_groups = kept.widths.queries_per_group
 
 
-def shrink_mlp(layer: nn.Module, kept: KeptUnits) -> None:
+def shrink_mlp(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
     """Keep only ``kept``'s channels in ``layer.mlp``; zero channels leave down_proj's bias (or zeros)."""
-    mlp = layer.mlp
-    mlp.gate_proj = take_rows(mlp.gate_proj, kept.mlp_channels)
-    mlp.up_proj = take_rows(mlp.up_proj, kept.mlp_channels)
-    mlp.down_proj = take_columns(mlp.down_proj, kept.mlp_channels)
+    _shrink(layer, layout, Role.MLP_CHANNEL, kept.mlp_channels)
 
 
-def shrink_layer(layer: nn.Module, kept: KeptUnits) -> None:
+def shrink_layer(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
     """Shrink a decoder layer's attention and MLP to the units in ``kept``."""
-    shrink_attention(layer, kept)
-    shrink_mlp(layer, kept)
+    shrink_attention(layer, kept, layout)
+    shrink_mlp(layer, kept, layout)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.compress import is_compressed, load_compressed, read_record
 from atp_ray.config import DataConfig, TrainConfig, load_config
+from atp_ray.layout import count_params
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_run_model, load_tokenizer, resolve_model_path
 from atp_ray.run_folder import RunFolder
@@ -59,11 +60,6 @@ def folder_bytes(*folders: Path) -> int:
     return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    # parameters() yields a tied tensor once, so tied embeddings are not counted twice.
-    return sum(p.numel() for p in model.parameters())
-
-
 def _model_folder(path: str) -> Path | None:
     """The local folder of a model path; for a hub id, its cached snapshot if there is one."""
     folder = Path(resolve_model_path(path)).expanduser()
@@ -82,7 +78,7 @@ def _load_dense(path: str, dtype: str) -> EvalTarget:
     model = load_model(path, dtype)
     folder = _model_folder(path)
     disk = folder_bytes(folder) if folder else None
-    return EvalTarget("dense", model, load_tokenizer(path), parameter_count(model), disk)
+    return EvalTarget("dense", model, load_tokenizer(path), count_params(model), disk)
 
 
 def _load_run(path: str, dtype: str) -> EvalTarget:
@@ -96,7 +92,7 @@ def _load_run(path: str, dtype: str) -> EvalTarget:
         kind="masked run",
         model=model,
         tokenizer=load_tokenizer(config.model.path),
-        parameters=parameter_count(model) - removed,
+        parameters=count_params(model) - removed,
         disk_bytes=folder_bytes(folder.root, base) if base else None,
         data=config.data,
         seed=config.train.seed,
@@ -106,7 +102,7 @@ def _load_run(path: str, dtype: str) -> EvalTarget:
 
 def _load_compressed(path: str, dtype: str) -> EvalTarget:
     model = load_compressed(path, dtype)
-    target = EvalTarget("compressed", model, load_tokenizer(path), parameter_count(model), folder_bytes(Path(path)))
+    target = EvalTarget("compressed", model, load_tokenizer(path), count_params(model), folder_bytes(Path(path)))
     record = read_record(path)
     if record.training_data is not None:  # score the held-out split of the run it came from
         target.data = DataConfig.model_validate(record.training_data)

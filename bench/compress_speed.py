@@ -1,6 +1,13 @@
 """Dense vs compressed: speed, memory and size of the embedded model (fp32) at several sparsities.
 
     python -m bench.compress_speed [--sparsities 0.2 0.4 0.6] [--threads 2] [--repeats 5]
+    python -m bench.compress_speed --runs runs/a runs/b [--channel-multiple 8]
+
+With ``--runs``, the compressed models are those finished runs make (ATP's non-uniform
+masks, or a two-step baseline's), compressed as ``atp-ray compress`` does, against their
+common source model; ``--channel-multiple`` then rounds each run's kept MLP widths with
+``atp_ray.widths.round_mlp_channels`` (channels ranked by magnitude) and benches both the
+run as trained and its rounded copy, side by side.
 
 Masks: ``atp_ray.magnitude.uniform_magnitude_masks`` keeps the same attention shape in
 every layer (the KV-group x query-slot grid closest to the target) and the
@@ -36,8 +43,9 @@ from torch import nn
 
 from atp_ray.compress import compress_model, count_params, load_compressed, save_compressed
 from atp_ray.embedded import EMBEDDED_MODEL
-from atp_ray.magnitude import uniform_magnitude_masks
-from atp_ray.modeling import load_model
+from atp_ray.magnitude import layer_scores, uniform_magnitude_masks
+from atp_ray.modeling import load_model, load_run_model
+from atp_ray.run_folder import RunFolder
 from atp_ray.speed import (
     decode_flops,
     decode_seconds,
@@ -49,7 +57,8 @@ from atp_ray.speed import (
     random_tokens,
     reset_peak_memory,
 )
-from atp_ray.structures import PruningSpace
+from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.widths import round_mlp_channels
 
 DENSE = "dense"
 MiB = 2**20
@@ -87,6 +96,29 @@ def build_candidates(sparsities: list[float], workdir: Path, channel_multiple: i
     return candidates
 
 
+def run_candidates(run_dirs: list[Path], workdir: Path, channel_multiple: int = 1) -> tuple[str, list[Candidate]]:
+    """The runs' common source model and, per run, its compressed model (and its width-rounded copy)."""
+    sources = {RunFolder(run).read_config()["model"]["path"] for run in run_dirs}
+    if len(sources) != 1:
+        raise SystemExit(f"--runs: every run must prune the same model, got {sorted(sources)}")
+    (source,) = sources
+    candidates = [Candidate(DENSE, load_model(source), None)]
+    for run in run_dirs:
+        merged, space, masks = load_run_model(run)
+        variants = {run.name: masks}
+        if channel_multiple > 1:
+            layers = space.layout.layers(merged)
+            scores = {space.group(i, UnitKind.MLP_CHANNEL): layer_scores(layer, space)[UnitKind.MLP_CHANNEL]
+                      for i, layer in enumerate(layers)}
+            variants[f"{run.name} x{channel_multiple}"] = round_mlp_channels(space, masks, channel_multiple, scores)
+        for name, variant in variants.items():
+            small = copy.deepcopy(merged)
+            record = compress_model(small, space, variant, source)
+            path = save_compressed(small, None, record, workdir / name.replace(" ", "-"))
+            candidates.append(Candidate(f"{name} ({record.sparsity:.0%})", load_compressed(path), path))
+    return source, candidates
+
+
 def time_rounds(
     candidates: list[Candidate], measure: Callable[..., float], *args: object, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -94,25 +126,27 @@ def time_rounds(
     return interleaved_seconds({c.name: partial(measure, c.model, *args) for c in candidates}, repeats, warmup)
 
 
-def probe_memory(path: Path | None, threads: int, work: Workload) -> int:
+def probe_memory(path: Path | None, threads: int, work: Workload, source: str = EMBEDDED_MODEL) -> int:
     """Runs in a fresh process: peak resident bytes of one model serving the workload once."""
     torch.set_num_threads(threads)
     before = memory_in_use()
-    model = load_model(EMBEDDED_MODEL) if path is None else load_compressed(path)
+    model = load_model(source) if path is None else load_compressed(path)
     reset_peak_memory()  # loading's transient copies are not what serving needs
     prefill_seconds(model, random_tokens(model, work.big_batch, work.seq_len))
     decode_seconds(model, random_tokens(model, 1, work.seq_len), work.new_tokens)
     return peak_memory() - before
 
 
-def measure_memory(candidates: list[Candidate], threads: int, work: Workload, probes: int) -> dict[str, float]:
+def measure_memory(
+    candidates: list[Candidate], threads: int, work: Workload, probes: int, source: str = EMBEDDED_MODEL
+) -> dict[str, float]:
     """Median over ``probes`` fresh processes of each model's peak bytes (allocator noise is tens of MiB)."""
     spawn = multiprocessing.get_context("spawn")
     samples: dict[str, list[int]] = {c.name: [] for c in candidates}
     for _ in range(probes):
         for c in candidates:
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                samples[c.name].append(pool.submit(probe_memory, c.path, threads, work).result())
+                samples[c.name].append(pool.submit(probe_memory, c.path, threads, work, source).result())
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -165,7 +199,8 @@ def markdown(candidates: list[Candidate], results: dict[str, dict[str, Metric]],
     lines = [header, "|---|" + "---:|" * (2 * len(results) + 2)]
     for c in candidates:
         cells = " | ".join(results[k][c.name].cells(1 if k == "decode" else 0) for k in results)
-        lines.append(f"| {c.name} | {count_params(c.model) / 1e6:.1f}M | {cells} | {memory[c.name] / MiB:.0f} |")
+        peak = f"{memory[c.name] / MiB:.0f}" if c.name in memory else "-"
+        lines.append(f"| {c.name} | {count_params(c.model) / 1e6:.1f}M | {cells} | {peak} |")
     return "\n".join(lines)
 
 
@@ -181,7 +216,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--channel-multiple", type=int, default=1, help="keep MLP widths a multiple of this (aligned kernels)"
     )
-    parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per model for peak memory")
+    parser.add_argument(
+        "--runs", type=Path, nargs="+", help="finished run folders to bench instead of uniform magnitude masks"
+    )
+    parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per model for peak memory (0: skip)")
     return parser.parse_args()
 
 
@@ -190,11 +228,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Workload(args.seq_len, args.batch, args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        candidates = build_candidates(args.sparsities, Path(tmp), args.channel_multiple)
+        if args.runs:
+            source, candidates = run_candidates(args.runs, Path(tmp), args.channel_multiple)
+        else:
+            source, candidates = EMBEDDED_MODEL, build_candidates(args.sparsities, Path(tmp), args.channel_multiple)
         results = measure(candidates, args, work)
-        memory = measure_memory(candidates, args.threads, work, args.memory_probes)
+        memory = measure_memory(candidates, args.threads, work, args.memory_probes, source) if args.memory_probes else {}
+    masks = "masks of the runs given" if args.runs else "uniform magnitude masks"
     print(
-        f"SmolLM2-135M fp32, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{source} fp32, {masks}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads, prefill {args.seq_len} tokens (logits of the last position), "
         f"decode {args.new_tokens} tokens after a {args.seq_len}-token prompt, "
         f"median of {args.repeats} interleaved rounds, MLP widths multiple of {args.channel_multiple}"

@@ -1,0 +1,81 @@
+"""What the run benches share: the configs they compare and a timed run of one of them.
+
+``--quick`` replaces the embedded model by a tiny random Llama that reads the embedded
+tokenizer (saved to a temp folder; nothing is downloaded), with few steps and documents,
+so a test can check that a script runs and prints its table; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from atp_ray.atp import run_atp
+from atp_ray.config import load_config
+from atp_ray.modeling import load_tokenizer
+
+EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded.yaml"
+
+# Small enough for a test on 2 cores: a few seconds per run.
+QUICK_OVERRIDES = {
+    "data": {"seq_len": 32, "max_documents": 200},
+    "lora": {"rank": 4, "alpha": 8},
+    "atp": {"freeze_patience": 2},
+    "train": {"steps": 4, "batch_size": 2, "calibration_batch_size": 2, "log_every": 2, "checkpoint_every": 100},
+    "baseline": {"calibration_batches": 2},
+}
+
+
+def quick_model(folder: Path) -> Path:
+    """A tiny random GQA Llama with the embedded model's tokenizer, saved in ``folder``."""
+    tokenizer = load_tokenizer("embedded:smollm2-135m-instruct")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def base_config(quick: bool, workdir: Path) -> dict[str, Any]:
+    """The raw run config every compared run starts from: configs/embedded.yaml, or its quick form."""
+    raw = yaml.safe_load(EMBEDDED_CONFIG.read_text())
+    if quick:
+        raw["model"]["path"] = str(quick_model(workdir / "tiny-model"))
+        for section, values in QUICK_OVERRIDES.items():
+            raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+def with_overrides(raw: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with top-level keys or sections updated (sections merge key by key)."""
+    out = copy.deepcopy(raw)
+    for key, value in sections.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def timed_run(raw: dict[str, Any], out: Path) -> tuple[dict[str, Any], float]:
+    """Run one config into ``out``; returns its summary and wall seconds (setup, training, save)."""
+    config = load_config(raw)
+    start = time.perf_counter()
+    summary = run_atp(config, out)
+    return summary, time.perf_counter() - start
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    """``mean ± sd`` over seeds (sd 0 with one value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"

@@ -1,0 +1,124 @@
+"""The two-step baseline (score units once, cut, then tune) and dense LoRA, through the ATP recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODELS, make_tiny_model, tiny_run_config
+
+from atp_ray.atp import run_atp
+from atp_ray.cli import main
+from atp_ray.compress import read_record
+from atp_ray.config import IMPORTANCE_CRITERIA, load_config
+from atp_ray.errors import ConfigError
+from atp_ray.importance import IMPORTANCE, importance_masks
+from atp_ray.modeling import load_model
+from atp_ray.run_folder import RunFolder
+from atp_ray.structures import PruningSpace, UnitKind
+
+
+def _batches(model, count=2, batch=2, seq=16):
+    gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(model.config.vocab_size, (batch, seq), generator=gen) for _ in range(count)]
+    return [{"input_ids": t, "labels": t} for t in tokens]
+
+
+@pytest.mark.parametrize("criterion", sorted(IMPORTANCE))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("sparsity", [0.2, 0.6])
+def test_cut_hits_the_requested_kept_parameter_count(criterion, name, sparsity):
+    model = make_tiny_model(name)
+    space = PruningSpace.from_config(model.config)
+    masks = importance_masks(model, space, sparsity, IMPORTANCE[criterion], _batches(model))
+    requested = (1 - sparsity) * space.prunable_params
+    assert abs(float(space.kept_params(masks)) - requested) <= space.mlp_channel_params
+    assert set(masks) == set(space.groups) and all(((m == 0) | (m == 1)).all() for m in masks.values())
+
+
+def test_taylor_ranks_a_large_but_dead_channel_last_where_magnitude_keeps_it():
+    """Channel 0 of layer 0: huge gate row and down column, zero up row. Its output is always
+    zero, so every |w * dL/dw| it owns is zero (Taylor: least important), while its weights
+    are the largest of the layer (magnitude: most important)."""
+    model = make_tiny_model("llama-gqa")
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[0] *= 20
+        mlp.down_proj.weight[:, 0] *= 20
+        mlp.up_proj.weight[0] = 0
+    space = PruningSpace.from_config(model.config)
+    batches = _batches(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    magnitude = IMPORTANCE["magnitude"].score(model, space, batches)[0][UnitKind.MLP_CHANNEL]
+    taylor = IMPORTANCE["taylor"].score(model, space, batches)[0][UnitKind.MLP_CHANNEL]
+    assert magnitude.argmax() == 0 and taylor[0] == 0 and taylor[1:].min() > 0
+    channels = space.group(0, UnitKind.MLP_CHANNEL)
+    assert importance_masks(model, space, 0.5, IMPORTANCE["magnitude"], batches)[channels][0] == 1
+    assert importance_masks(model, space, 0.5, IMPORTANCE["taylor"], batches)[channels][0] == 0
+    # The model leaves scoring as it came: same trainable flags, no gradients left behind.
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_registry_matches_the_config_choices():
+    assert set(IMPORTANCE) == set(IMPORTANCE_CRITERIA)
+
+
+def test_method_is_a_top_level_key(tiny_model_dir):
+    raw = tiny_run_config(tiny_model_dir)
+    assert load_config(raw).method == "atp"
+    config = load_config(raw, ["method=two-step", "baseline.importance=taylor"])
+    assert (config.method, config.baseline.importance) == ("two-step", "taylor")
+    with pytest.raises(ConfigError, match="method"):
+        load_config(raw, ["method=prune"])
+
+
+def _rows(folder: RunFolder) -> list[dict]:
+    return [json.loads(line) for line in folder.metrics.read_text().splitlines()]
+
+
+def test_two_step_run_folder_compresses_and_evaluates_like_an_atp_run(tiny_model_dir, tmp_path):
+    raw = tiny_run_config(tiny_model_dir, train={"steps": 10}, baseline={"importance": "taylor", "calibration_batches": 2})
+    raw["method"] = "two-step"
+    config = load_config(raw)
+    summary = run_atp(config, tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    space = PruningSpace.from_config(load_model(str(tiny_model_dir)).config)
+    assert abs(summary["kept_prunable_params"] - 0.6 * space.prunable_params) <= space.mlp_channel_params
+    assert summary["freeze_step"] == 0
+    rows = _rows(folder)
+    assert all(r["phase"] == "frozen" and "generator_loss" not in r and r["lasso_weight"] == 0 for r in rows)
+    assert all(r["sparsity"] == pytest.approx(summary["sparsity"]) for r in rows)  # one mask from step 0
+
+    # The saved mask is the Taylor mask of the base model on the run's first calibration batches.
+    from atp_ray.atp import ATPRecipe
+    from atp_ray.process import ProcessContext
+
+    probe = ATPRecipe(config, tmp_path / "probe", ProcessContext.current("cpu"))
+    probe.setup()
+    batches = [probe.calibration_stream.batch(i) for i in range(2)]
+    expected = importance_masks(load_model(str(tiny_model_dir)), space, 0.4, IMPORTANCE["taylor"], batches)
+    saved = folder.read_mask(space)
+    assert all(torch.equal(saved[g], expected[g]) for g in space.groups)
+
+    compressed = tmp_path / "compressed"
+    assert main(["compress", str(folder.root), "--out", str(compressed)]) == 0
+    assert read_record(compressed).params < read_record(compressed).dense_params
+    reports = {}
+    for name, path in (("run", folder.root), ("compressed", compressed)):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(path), "--tasks", "domain-ppl", "--max-samples", "all", "--out", str(out)]) == 0
+        reports[name] = json.loads(out.read_text())["tasks"]["domain-ppl"]["values"]["perplexity"]
+    assert reports["compressed"] == pytest.approx(reports["run"], rel=1e-4)
+
+
+def test_lora_method_prunes_nothing(tiny_model_dir, tmp_path):
+    raw = tiny_run_config(tiny_model_dir, train={"steps": 5})
+    raw["method"] = "lora"
+    summary = run_atp(load_config(raw), tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    space = PruningSpace.from_config(load_model(str(tiny_model_dir)).config)
+    assert summary["sparsity"] == 0 and summary["kept_prunable_params"] == space.prunable_params
+    assert all(bool(m.all()) for m in folder.read_mask(space).values())
+    assert all(r["sparsity"] == 0 for r in _rows(folder))

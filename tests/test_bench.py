@@ -1,0 +1,48 @@
+"""Every bench script's --quick (or smallest) form runs and prints its table (numbers not asserted)."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import tiny_run_config
+
+from atp_ray.atp import run_atp
+from atp_ray.config import load_config
+
+
+def _run(monkeypatch, module, argv: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+
+
+def test_atp_cost_quick_prints_its_ratio_table(monkeypatch, capsys):
+    from bench import atp_cost
+
+    _run(monkeypatch, atp_cost, ["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["run", "atp", "lora", "**ATP / LoRA**"]
+    assert rows[-1].count("x**") == 2  # wall and training-loop ratios
+
+
+def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys):
+    from bench import atp_vs_two_step
+
+    # One seed keeps the test short; the script's own default is two seeds.
+    _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
+    assert names == ["dense lora", "atp", "two-step magnitude", "two-step taylor"]
+    assert "± " in out
+
+
+def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    from bench import compress_speed
+
+    run_atp(load_config(tiny_run_config(tiny_model_dir, train={"steps": 5})), tmp_path / "run")
+    argv = ["--runs", str(tmp_path / "run"), "--channel-multiple", "8", "--repeats", "1", "--warmup", "0"]
+    argv += ["--memory-probes", "0", "--seq-len", "16", "--batch", "2", "--new-tokens", "2", "--threads", "1"]
+    _run(monkeypatch, compress_speed, argv)
+    out = capsys.readouterr().out
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
+    assert names[0] == "dense" and names[1].startswith("run (") and names[2].startswith("run x8 (")
