@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from atp_ray.cluster import add_cluster_parser
 from atp_ray.errors import ATPRayError
 
 log = logging.getLogger("atp_ray")
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", help="write the report as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
+    add_cluster_parser(commands)
     return parser
 
 

@@ -28,3 +28,7 @@ class DataError(ATPRayError):
 
 class CompressionError(ATPRayError):
     """A model cannot be compressed as asked, or a folder is not a loadable compressed model."""
+
+
+class ClusterError(ATPRayError):
+    """A cluster verb cannot run: a prerequisite is missing, a config breaks a rule, or a job failed."""

@@ -1,0 +1,867 @@
+"""Searches on a Ray cluster: a cloud one described by ``cluster.yaml``, or two Ray nodes on this machine.
+
+``atp-ray cluster VERB``: ``up``, ``submit``, ``resume``, ``report``, ``export`` and ``down``
+drive a cloud cluster through the ``ray`` command line (``ray up``, ``ray job submit``,
+``ray rsync-down``, ``ray down``); ``local-up`` and ``local-down`` start and stop a two-node
+cluster on this machine that the same verbs reach with ``--cluster local``.
+
+A search is a Ray job: ``ray job submit --working-dir <this checkout> -- atp-ray search ...``.
+Its driver runs on the head node (it asks for the ``search_driver`` resource, which only the
+head offers); the job's command is built by a :class:`JobCommands`, so a stand-in program
+with the same command line can take the search's place (the tests do).
+
+Every verb checks its prerequisites before anything starts and names what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atp_ray.errors import ClusterError
+
+# The custom resource that only the head node offers: a search's driver (the job's entrypoint)
+# asks for one unit, so it lands on the head, next to the trial drivers and away from the GPUs.
+DRIVER_RESOURCE = "search_driver"
+DRIVER_RESOURCE_UNITS = 1000
+# Word marking the values in a shipped cluster YAML that a user must replace.
+PLACEHOLDER = "CHANGE-ME"
+# Never uploaded with a job: virtual environments, run outputs, git history.
+WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "models", ".cache", "__pycache__"]
+# Ray keeps unix sockets under a node's temp dir; their paths must stay under 107 bytes.
+MAX_LOCAL_ROOT_CHARS = 40
+DEFAULT_LOCAL_ROOT = "/tmp/atp-ray-local"
+DASHBOARD_PORT = 8265
+TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+# -- the job's command ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobCommands:
+    """The command lines of the jobs the verbs submit: ``atp-ray``'s own unless told otherwise.
+
+    ``program`` is the command that takes the subcommands ``search``, ``resume``, ``report``
+    and ``export`` with atp-ray's arguments (e.g. ``("python", "tests/cluster_job.py")``).
+    """
+
+    program: tuple[str, ...] = ("atp-ray",)
+
+    def search(self, space: str, out: str, trials: int | None, overrides: Sequence[str]) -> list[str]:
+        trial_args = ["--trials", str(trials)] if trials is not None else []
+        return [*self.program, "search", "--space", space, "--out", out, *trial_args, *overrides]
+
+    def resume(self, experiment: str, retry_failed: bool) -> list[str]:
+        return [*self.program, "resume", experiment, *(["--retry-failed"] if retry_failed else [])]
+
+    def report(self, experiment: str) -> list[str]:
+        return [*self.program, "report", experiment]
+
+    def export(self, experiment: str, trial: str, out: str) -> list[str]:
+        return [*self.program, "export", experiment, "--trial", trial, "--out", out]
+
+
+# -- prerequisites ----------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The atp-ray checkout that jobs upload as their working dir."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise ClusterError(f"jobs upload the atp-ray checkout, but {root} is not one (no pyproject.toml): run from a git clone")
+    return root
+
+
+def ray_cli() -> str:
+    """The ``ray`` command of this Python environment (or of PATH)."""
+    beside = Path(sys.executable).parent / "ray"
+    found = str(beside) if beside.is_file() else shutil.which("ray")
+    if not found:
+        raise ClusterError("the `ray` command is not installed: pip install 'atp-ray[cluster]' (it brings ray[default])")
+    return found
+
+
+def require_job_api() -> None:
+    """Job submission talks to the Ray dashboard, which needs ray's ``default`` extra."""
+    import importlib.util
+
+    missing = [m for m in ("aiohttp", "aiohttp_cors", "opencensus") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ClusterError(
+            f"Ray job submission needs the dashboard, whose packages are missing ({', '.join(missing)}): "
+            "pip install 'atp-ray[cluster]'"
+        )
+
+
+def require_cloud_credentials(provider: str) -> None:
+    """Fail early when ``ray up``/``ray down`` could not reach the provider's API."""
+    import importlib.util
+
+    if provider == "aws":
+        if importlib.util.find_spec("boto3") is None:
+            raise ClusterError("provider aws: `ray up` needs boto3 on this machine: pip install boto3")
+        import boto3
+
+        if boto3.session.Session().get_credentials() is None:
+            raise ClusterError(
+                "provider aws: no AWS credentials found (run `aws configure`, or set AWS_PROFILE "
+                "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
+    elif provider == "gcp":
+        if importlib.util.find_spec("googleapiclient") is None or importlib.util.find_spec("google.auth") is None:
+            raise ClusterError("provider gcp: `ray up` needs google-api-python-client: pip install google-api-python-client")
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            google.auth.default()
+        except DefaultCredentialsError as err:
+            raise ClusterError(
+                f"provider gcp: no Google credentials found ({err}); run `gcloud auth application-default login`"
+            ) from None
+    else:
+        raise ClusterError(f"provider.type: atp-ray ships configs for aws and gcp, got {provider!r}")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+# -- the cluster YAML -------------------------------------------------------------------------
+
+
+def load_cluster_config(path: str | Path) -> dict[str, Any]:
+    """Read a cluster YAML; a missing or non-mapping file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterError(f"cluster config not found: {path} (the AWS one is cluster.yaml, the GCP one launch/gcp.yaml)")
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict):
+        raise ClusterError(f"{path}: a cluster config is a YAML mapping")
+    return config
+
+
+def ray_schema_problems(config: dict[str, Any]) -> list[str]:
+    """Ray's own check of a cluster config, offline: its defaults filled in, then its JSON schema.
+
+    This is what ``ray up`` runs before it contacts the cloud (``prepare_config`` reads the
+    provider's ``defaults.yaml`` shipped in the ray package; ``validate_config`` the schema).
+    """
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's words are the message
+        message = getattr(err, "message", None) or str(err)
+        where = ".".join(str(p) for p in getattr(err, "absolute_path", []))
+        return [f"ray schema: {where + ': ' if where else ''}{message}"]
+    return []
+
+
+def _start_commands(config: dict[str, Any]) -> list[str]:
+    return [*config.get("head_start_ray_commands", []), *config.get("worker_start_ray_commands", [])]
+
+
+def atp_ray_problems(config: dict[str, Any]) -> list[str]:
+    """The rules atp-ray's cluster configs keep on top of Ray's schema; one message per broken rule."""
+    problems: list[str] = []
+    nodes = config.get("available_node_types", {})
+    head_name = config.get("head_node_type")
+    head = nodes.get(head_name, {})
+    head_resources = head.get("resources", {})
+    if head_resources.get("GPU", None) != 0:
+        problems.append(f"available_node_types.{head_name}.resources.GPU: the head trains nothing, set it to 0")
+    if head_resources.get(DRIVER_RESOURCE, 0) < 1:
+        problems.append(
+            f"available_node_types.{head_name}.resources.{DRIVER_RESOURCE}: the head must offer it "
+            f"(e.g. {DRIVER_RESOURCE_UNITS}) so search drivers land there"
+        )
+    workers = {name: node for name, node in nodes.items() if name != head_name}
+    if len(workers) != 1:
+        problems.append(f"available_node_types: expected one GPU worker type, got {sorted(workers)}")
+    for name, node in workers.items():
+        if node.get("resources", {}).get("GPU", 0) < 2:
+            problems.append(f"available_node_types.{name}.resources.GPU: a worker is a multi-GPU instance (>= 2)")
+        if node.get("min_workers", 0) != 0:
+            problems.append(f"available_node_types.{name}.min_workers: must be 0 (GPUs only while a search needs them)")
+        if DRIVER_RESOURCE in node.get("resources", {}):
+            problems.append(f"available_node_types.{name}.resources: only the head offers {DRIVER_RESOURCE}")
+
+    starts = _start_commands(config)
+    ray_starts = [c for c in starts if "ray start" in c]
+    head_starts = [c for c in config.get("head_start_ray_commands", []) if "ray start" in c]
+    if not all("RAY_AUTH_MODE=token" in c for c in ray_starts) or len(ray_starts) < 2:
+        problems.append("head/worker_start_ray_commands: every `ray start` runs with RAY_AUTH_MODE=token")
+    if not head_starts or not all("--dashboard-host=127.0.0.1" in c for c in head_starts):
+        problems.append("head_start_ray_commands: the dashboard binds --dashboard-host=127.0.0.1 (reach it with `ray dashboard`)")
+    if any("0.0.0.0" in c for c in starts):
+        problems.append("head/worker_start_ray_commands: nothing may listen on 0.0.0.0")
+    token_mounts = [r for r, local in config.get("file_mounts", {}).items() if local == "~/.ray/auth_token"]
+    if token_mounts != ["~/.ray/auth_token"]:
+        problems.append("file_mounts: must copy ~/.ray/auth_token (this machine's token) to ~/.ray/auth_token on every node")
+
+    for rule in config.get("provider", {}).get("security_group", {}).get("IpPermissions", []):
+        world = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or any(
+            r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", [])
+        )
+        if world and not (rule.get("FromPort") == 22 == rule.get("ToPort")):
+            problems.append(f"provider.security_group.IpPermissions: only SSH (22) may be open to the world, got {rule}")
+
+    setup = "\n".join(config.get("setup_commands", []))
+    mounted_project = [r for r, local in config.get("file_mounts", {}).items() if local == "."]
+    if len(mounted_project) != 1:
+        problems.append("file_mounts: must copy this checkout ('.') to the nodes, once")
+    elif f"cd {mounted_project[0]} && " not in setup or "scripts/bootstrap.sh" not in setup:
+        problems.append(f"setup_commands: must install the project with `cd {mounted_project[0]} && ... scripts/bootstrap.sh`")
+    import ray
+
+    if f"ray[default,train,tune]=={ray.__version__}" not in setup:
+        problems.append(
+            f"setup_commands: must pin ray[default,train,tune]=={ray.__version__}, the version on this machine "
+            "(the job client and the cluster must run the same Ray)"
+        )
+    if "HF_HOME=" not in setup:
+        problems.append("setup_commands: must export HF_HOME onto the large disk")
+
+    storage = str(config.get("metadata", {}).get("atp_ray", {}).get("storage", ""))
+    scheme = {"aws": "s3://", "gcp": "gs://"}.get(config.get("provider", {}).get("type", ""), "")
+    if not (storage.startswith(scheme) and scheme) and not storage.startswith("/"):
+        problems.append(
+            f"metadata.atp_ray.storage: experiments live in shared storage, a {scheme or 's3:// or gs://'} URI "
+            f"or an NFS path mounted on every node; got {storage!r}"
+        )
+    return problems
+
+
+def placeholders(value: Any, where: str = "") -> list[str]:
+    """Dotted paths of the values still holding the ``CHANGE-ME`` placeholder."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in placeholders(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in placeholders(v, f"{where}[{i}]")]
+    return [where] if PLACEHOLDER in str(value) else []
+
+
+def check_cluster_config(path: str | Path, *, for_launch: bool) -> dict[str, Any]:
+    """Load and check a cluster YAML; every problem is reported at once.
+
+    ``for_launch`` also refuses values a user has yet to fill in (``CHANGE-ME``).
+    """
+    config = load_cluster_config(path)
+    problems = ray_schema_problems(config) + atp_ray_problems(config)
+    if for_launch:
+        problems += [f"{p}: replace the {PLACEHOLDER} placeholder (see the comment above it)" for p in placeholders(config)]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ClusterError(f"{path}: {len(problems)} problem(s):\n{lines}")
+    return config
+
+
+# -- where jobs go: a cloud cluster or a local one --------------------------------------------
+
+
+def _run(argv: Sequence[str], env: dict[str, str] | None = None, capture: bool = True) -> str:
+    """Run a command; a failure raises with the command and the tail of its output."""
+    result = subprocess.run(argv, env=env, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout or "").strip().splitlines()[-25:])
+        raise ClusterError(f"`{shlex.join(argv)}` failed (exit {result.returncode}){':' + chr(10) + tail if tail else ''}")
+    return result.stdout or ""
+
+
+def _base_env() -> dict[str, str]:
+    """This environment for ray commands, with token authentication on and no stray cluster address."""
+    env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Nodes started from here find this environment's python, ray and atp-ray first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class CloudCluster:
+    """A cluster that ``ray up`` started from a cluster YAML; its dashboard is reached over SSH."""
+
+    config_path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> CloudCluster:
+        return cls(Path(path), check_cluster_config(path, for_launch=True))
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("cluster_name", "default"))
+
+    @property
+    def storage(self) -> str:
+        return str(self.config["metadata"]["atp_ray"]["storage"]).rstrip("/")
+
+    def token_path(self) -> Path:
+        return Path.home() / ".ray" / "auth_token"
+
+    def env(self) -> dict[str, str]:
+        env = _base_env()
+        env.pop("RAY_AUTH_TOKEN_PATH", None)  # the token that file_mounts copied to the nodes
+        return env
+
+    def default_experiment_root(self) -> str:
+        return f"{self.storage}/experiments"
+
+    def check_shared(self, path: str) -> None:
+        """Experiments must be readable by every node: a bucket URI or the NFS storage path."""
+        if _is_uri(path) or (self.storage.startswith("/") and Path(path).is_relative_to(self.storage)):
+            return
+        raise ClusterError(
+            f"{path!r} is a local path, but the cluster has several nodes that must all read the experiment: "
+            f"use the storage of {self.config_path} ({self.storage}/...) or another s3:// / gs:// URI"
+        )
+
+    @contextlib.contextmanager
+    def job_api(self) -> Iterator[str]:
+        """The dashboard's address on this machine, through ``ray dashboard``'s SSH port-forward."""
+        address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+        if _answers(address, self.token_path()):
+            yield address  # a `ray dashboard` that the user keeps open
+            return
+        forward = subprocess.Popen(
+            [ray_cli(), "dashboard", str(self.config_path), "--port", str(DASHBOARD_PORT)],
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while not _answers(address, self.token_path()):
+                if forward.poll() is not None or time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"cannot reach the head's dashboard through `ray dashboard {self.config_path}`: "
+                        f"is the cluster up (`atp-ray cluster up --cluster {self.config_path}`)?"
+                    )
+                time.sleep(1)
+            yield address
+        finally:
+            _stop_session(forward.pid)
+
+    def fetch(self, remote: str, local: Path) -> None:
+        """Copy a folder from the cluster: from the bucket when it is a URI, else from the head."""
+        if _is_uri(remote):
+            _copy_from_uri(remote, local)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            _run([ray_cli(), "rsync-down", str(self.config_path), remote.rstrip("/") + "/", str(local)], env=self.env(), capture=False)
+
+    def export_staging(self, name: str) -> str:
+        """Where an export job writes a model on the head before it is fetched."""
+        return f"/tmp/atp-ray-exports/{name}"
+
+    def follow_hint(self, job_id: str) -> str:
+        return (
+            f"  keep a port-forward to the head open in another terminal:  ray dashboard {self.config_path}\n"
+            f"  then follow the job:  RAY_AUTH_MODE=token ray job logs -f {job_id} --address http://127.0.0.1:{DASHBOARD_PORT}\n"
+            f"  dashboard: http://127.0.0.1:{DASHBOARD_PORT} (its token: `ray get-auth-token`)"
+        )
+
+
+@dataclass
+class LocalCluster:
+    """A head node and a second node on this machine, each with its own ports and temp dir."""
+
+    root: Path
+    gcs_port: int
+    dashboard_port: int
+    head_pid: int
+    node_pid: int
+
+    @property
+    def name(self) -> str:
+        return f"local ({self.root})"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def token_path(self) -> Path:
+        return self.root / "auth_token"
+
+    def env(self) -> dict[str, str]:
+        env = _base_env()
+        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path())
+        return env
+
+    def default_experiment_root(self) -> str:
+        return str(Path.cwd().resolve() / "runs" / "cluster")
+
+    def check_shared(self, path: str) -> None:
+        """Both nodes share this machine's file system; a path only has to be absolute."""
+        if not _is_uri(path) and not Path(path).is_absolute():
+            raise ClusterError(f"{path!r}: give the experiment an absolute path (the job runs in a copy of the checkout)")
+
+    @contextlib.contextmanager
+    def job_api(self) -> Iterator[str]:
+        if not _answers(self.dashboard_url, self.token_path()):
+            raise ClusterError(f"the local cluster in {self.root} does not answer: start it with `atp-ray cluster local-up`")
+        yield self.dashboard_url
+
+    def fetch(self, remote: str, local: Path) -> None:
+        if _is_uri(remote):
+            _copy_from_uri(remote, local)
+        elif Path(remote).resolve() != local.resolve():
+            shutil.copytree(remote, local, dirs_exist_ok=True)
+
+    def export_staging(self, name: str) -> str:
+        return str(self.root / "exports" / name)
+
+    def follow_hint(self, job_id: str) -> str:
+        return (
+            f"  follow the job:  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={self.token_path()} "
+            f"ray job logs -f {job_id} --address {self.dashboard_url}\n"
+            f"  dashboard: {self.dashboard_url} (its token is in {self.token_path()})"
+        )
+
+    # -- its life cycle
+
+    STATE_FILE = "cluster.json"
+
+    @classmethod
+    def load(cls, root: str | Path) -> LocalCluster:
+        state = Path(root) / cls.STATE_FILE
+        if not state.is_file():
+            raise ClusterError(f"no local cluster in {root}: start one with `atp-ray cluster local-up --root {root}`")
+        return cls(root=Path(root), **{k: v for k, v in json.loads(state.read_text()).items() if k != "root"})
+
+    def save(self) -> None:
+        (self.root / self.STATE_FILE).write_text(json.dumps({**asdict(self), "root": str(self.root)}, indent=2))
+
+
+Cluster = CloudCluster | LocalCluster
+
+
+def open_cluster(spec: str) -> Cluster:
+    """``local`` or ``local:ROOT`` for a cluster on this machine, else the path of a cluster YAML."""
+    if spec == "local" or spec.startswith("local:"):
+        root = spec.partition(":")[2] or os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT)
+        return LocalCluster.load(root)
+    return CloudCluster.open(spec)
+
+
+def _answers(address: str, token_path: Path) -> bool:
+    """Does a Ray job API answer at ``address`` to our token?"""
+    try:
+        _get_json(f"{address}/api/version", token_path, timeout=3)
+        return True
+    except (OSError, ClusterError):
+        return False
+
+
+def _get_json(url: str, token_path: Path, timeout: float = 10) -> Any:
+    token = token_path.read_text().strip() if token_path.is_file() else ""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise ClusterError(f"{url}: HTTP {err.code} {err.reason}") from None
+
+
+def _copy_from_uri(uri: str, local: Path) -> None:
+    """Download a folder from s3:// or gs:// with pyarrow (this machine's cloud credentials)."""
+    import pyarrow.fs
+
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        pyarrow.fs.copy_files(uri, str(local.resolve()))
+    except (OSError, pyarrow.ArrowException) as err:
+        raise ClusterError(f"cannot download {uri}: {err}") from None
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def submit_job(cluster: Cluster, command: Sequence[str], *, job_name: str, wait: bool = False) -> str:
+    """Submit ``command`` as a Ray job whose driver runs on the head; returns its submission id.
+
+    The job's working dir is this checkout (minus outputs and environments); ``wait`` blocks
+    until the job ends and raises unless it succeeded.
+    """
+    require_job_api()
+    job_id = f"{job_name}-{_stamp()}"
+    runtime_env = {"working_dir": str(project_root()), "excludes": WORKING_DIR_EXCLUDES}
+    with cluster.job_api() as address:
+        _run(
+            [
+                ray_cli(), "job", "submit", "--address", address, "--submission-id", job_id,
+                "--runtime-env-json", json.dumps(runtime_env),
+                "--entrypoint-resources", json.dumps({DRIVER_RESOURCE: 1}),
+                "--no-wait", "--", *command,
+            ],
+            env=cluster.env(),
+        )
+        print(f"submitted job {job_id} to {cluster.name}: {shlex.join(command)}\n{cluster.follow_hint(job_id)}")
+        if wait:
+            status = wait_for_job(cluster, job_id, address=address)
+            if status != "SUCCEEDED":
+                raise ClusterError(f"job {job_id} ended {status}: see `ray job logs {job_id}`")
+    return job_id
+
+
+def job_status(cluster: Cluster, job_id: str, address: str | None = None) -> str:
+    """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, from the Ray job API."""
+    if address is None:
+        with cluster.job_api() as address:
+            return job_status(cluster, job_id, address)
+    return str(_get_json(f"{address}/api/jobs/{job_id}", cluster.token_path())["status"])
+
+
+def wait_for_job(cluster: Cluster, job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> str:
+    """Poll until the job ends; returns its final status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (status := job_status(cluster, job_id, address)) not in TERMINAL_JOB_STATES:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ClusterError(f"job {job_id} still {status} after {timeout_s:.0f} s")
+        time.sleep(1)
+    return status
+
+
+def stop_job(cluster: Cluster, job_id: str) -> None:
+    """Stop a running job (its trials stop with it; the experiment stays resumable)."""
+    with cluster.job_api() as address:
+        _run([ray_cli(), "job", "stop", "--address", address, job_id], env=cluster.env())
+
+
+# -- the verbs --------------------------------------------------------------------------------
+
+
+def _experiment_dir(cluster: Cluster, experiment: str) -> str:
+    """An experiment named by its path/URI, or by its bare name under the cluster's experiment root."""
+    if _is_uri(experiment) or "/" in experiment:
+        return experiment
+    return f"{cluster.default_experiment_root()}/{experiment}"
+
+
+def submit_search(
+    cluster: Cluster,
+    space: str | Path,
+    *,
+    out: str | None = None,
+    trials: int | None = None,
+    overrides: Sequence[str] = (),
+    commands: JobCommands = JobCommands(),
+    wait: bool = False,
+) -> tuple[str, str]:
+    """Submit a search as a Ray job; returns (job id, experiment dir)."""
+    root = project_root()
+    space_path = Path(space).resolve()
+    if not space_path.is_file():
+        raise ClusterError(f"--space: no such file: {space}")
+    if not space_path.is_relative_to(root):
+        raise ClusterError(f"--space: {space} must lie inside the checkout {root}, which the job uploads")
+    experiment = out or f"{cluster.default_experiment_root()}/{space_path.stem}-{_stamp()}"
+    cluster.check_shared(experiment)
+    command = commands.search(str(space_path.relative_to(root)), experiment, trials, overrides)
+    job_id = submit_job(cluster, command, job_name=f"search-{Path(experiment).name}", wait=wait)
+    print(f"experiment: {experiment}\n  resume it:  atp-ray cluster resume {experiment} --cluster {_spec(cluster)}")
+    return job_id, experiment
+
+
+def resume_search(
+    cluster: Cluster, experiment: str, *, retry_failed: bool = False, commands: JobCommands = JobCommands(), wait: bool = False
+) -> str:
+    """Continue a stopped or crashed search as a new job."""
+    experiment = _experiment_dir(cluster, experiment)
+    cluster.check_shared(experiment)
+    return submit_job(cluster, commands.resume(experiment, retry_failed), job_name=f"resume-{Path(experiment).name}", wait=wait)
+
+
+def fetch_report(cluster: Cluster, experiment: str, to: Path | None = None, *, commands: JobCommands = JobCommands()) -> Path:
+    """Build the report on the cluster (a job), then copy EXPERIMENT/report/ here."""
+    experiment = _experiment_dir(cluster, experiment)
+    cluster.check_shared(experiment)
+    submit_job(cluster, commands.report(experiment), job_name=f"report-{Path(experiment).name}", wait=True)
+    to = to or Path("runs") / "reports" / Path(experiment).name
+    cluster.fetch(f"{experiment}/report", to)
+    print(f"report: {to}")
+    return to
+
+
+def export_model(
+    cluster: Cluster, experiment: str, trial: str, out: Path, *, commands: JobCommands = JobCommands()
+) -> Path:
+    """Export one trial's compressed model on the cluster (a job), then copy it to ``out`` here."""
+    experiment = _experiment_dir(cluster, experiment)
+    cluster.check_shared(experiment)
+    staging = cluster.export_staging(f"{Path(experiment).name}-{trial}")
+    submit_job(cluster, commands.export(experiment, trial, staging), job_name=f"export-{Path(experiment).name}", wait=True)
+    cluster.fetch(staging, out)
+    print(f"model: {out}")
+    return out
+
+
+def _spec(cluster: Cluster) -> str:
+    return str(cluster.config_path) if isinstance(cluster, CloudCluster) else f"local:{cluster.root}"
+
+
+def cloud_up(config_path: str | Path, *, yes: bool = False) -> None:
+    """Check everything ``ray up`` needs, make sure a token exists, then start the head."""
+    ray = ray_cli()
+    config = check_cluster_config(config_path, for_launch=True)
+    require_cloud_credentials(config["provider"]["type"])
+    env = _base_env()
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    # file_mounts copies ~/.ray/auth_token to every node; the job client presents the same token.
+    _run([ray, "get-auth-token", "--generate"], env=env)
+    _run([ray, "up", str(config_path), *(["-y"] if yes else [])], env=env, capture=False)
+    print(
+        f"cluster {config.get('cluster_name')} is up; search on it with\n"
+        f"  atp-ray cluster submit --cluster {config_path} --space search_spaces/<space>.yaml"
+    )
+
+
+def cloud_down(config_path: str | Path, *, yes: bool = False) -> None:
+    """Tear the cluster down; experiments in shared storage stay."""
+    ray = ray_cli()
+    config = load_cluster_config(config_path)
+    require_cloud_credentials(config.get("provider", {}).get("type", ""))
+    _run([ray, "down", str(config_path), *(["-y"] if yes else [])], env=_base_env(), capture=False)
+
+
+# -- the local cluster ------------------------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the OS calls free now (held open together so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _node_args(temp_dir: Path, cpus: int, gpus: int, ports: list[int]) -> list[str]:
+    """Options every node gets: its own ports (Ray's defaults collide between instances) and temp dir."""
+    manager, objects, agent_http, agent_grpc, runtime_env, metrics = ports
+    return [
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus}",
+        "--object-store-memory=100000000",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+
+
+def _start_node(argv: list[str], log: Path, env: dict[str, str], timeout_s: float) -> int:
+    """Start ``ray start --block`` in its own session; returns its pid once the node is up."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_session(proc.pid)
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise ClusterError(f"a local Ray node did not start (log {log}):\n{tail}")
+        time.sleep(0.5)
+    return proc.pid
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session ``sid`` (the session a node's ``ray start`` opened), from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _stop_session(pid: int, grace_s: float = 20) -> None:
+    """Stop a process we started in its own session, then anything left in that session.
+
+    ``ray start --block`` shuts its node down on SIGTERM; stragglers (workers, forked
+    dashboard modules) share its session id and are killed by pid. Never ``ray stop``:
+    that kills every Ray process on the host.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _session_members(pid):
+            return
+        time.sleep(0.5)
+    for member in _session_members(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
+def local_up(
+    root: str | Path = DEFAULT_LOCAL_ROOT, *, cpus_per_node: int = 2, worker_gpus: int = 0, timeout_s: float = 180
+) -> LocalCluster:
+    """Start a head (the search driver's node, no GPUs) and a second node on this machine."""
+    root = Path(root).absolute()
+    if len(str(root)) > MAX_LOCAL_ROOT_CHARS:
+        raise ClusterError(
+            f"--root: {root} is {len(str(root))} characters; Ray's socket paths under it must stay short, "
+            f"use at most {MAX_LOCAL_ROOT_CHARS} (e.g. {DEFAULT_LOCAL_ROOT})"
+        )
+    if (root / LocalCluster.STATE_FILE).exists():
+        raise ClusterError(f"{root} already holds a local cluster: `atp-ray cluster local-down --root {root}` first")
+    ray = ray_cli()
+    require_job_api()
+    root.mkdir(parents=True, exist_ok=True)
+    token = root / "auth_token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+    ports = _free_ports(16)
+    cluster = LocalCluster(root=root, gcs_port=ports[0], dashboard_port=ports[1], head_pid=0, node_pid=0)
+    env = cluster.env()
+    head = [
+        ray, "start", "--head", f"--port={cluster.gcs_port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}",
+        f"--ray-client-server-port={ports[2]}",
+        f"--resources={json.dumps({DRIVER_RESOURCE: DRIVER_RESOURCE_UNITS})}",
+        *_node_args(root / "h", cpus_per_node, 0, ports[3:9]),
+    ]
+    cluster.head_pid = _start_node(head, root / "head.log", env, timeout_s)
+    cluster.save()  # from here on, local-down can stop what runs
+    node = [ray, "start", f"--address={cluster.address}", *_node_args(root / "w", cpus_per_node, worker_gpus, ports[9:15])]
+    try:
+        cluster.node_pid = _start_node(node, root / "node.log", env, timeout_s)
+    finally:
+        cluster.save()
+    print(
+        f"local cluster up: head {cluster.address} (pid {cluster.head_pid}), second node pid {cluster.node_pid}\n"
+        f"  search on it:  atp-ray cluster submit --cluster local:{root} --space search_spaces/demo.yaml\n"
+        f"  dashboard: {cluster.dashboard_url} (token in {token})\n"
+        f"  stop it:  atp-ray cluster local-down --root {root}"
+    )
+    return cluster
+
+
+def local_down(root: str | Path = DEFAULT_LOCAL_ROOT) -> None:
+    """Stop the two nodes of a local cluster by their own pids (second node first)."""
+    cluster = LocalCluster.load(root)
+    for pid in (cluster.node_pid, cluster.head_pid):
+        if pid:
+            _stop_session(pid)
+    (cluster.root / LocalCluster.STATE_FILE).unlink()
+    print(f"local cluster in {cluster.root} stopped")
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _cmd(args: argparse.Namespace) -> None:
+    verb = args.verb
+    if verb == "up":
+        cloud_up(args.cluster, yes=args.yes)
+    elif verb == "down":
+        cloud_down(args.cluster, yes=args.yes)
+    elif verb == "local-up":
+        local_up(args.root, cpus_per_node=args.cpus_per_node, worker_gpus=args.worker_gpus)
+    elif verb == "local-down":
+        local_down(args.root)
+    else:
+        cluster = open_cluster(args.cluster)
+        if verb == "submit":
+            submit_search(cluster, args.space, out=args.out, trials=args.trials, overrides=args.overrides, wait=args.wait)
+        elif verb == "resume":
+            resume_search(cluster, args.experiment, retry_failed=args.retry_failed, wait=args.wait)
+        elif verb == "report":
+            fetch_report(cluster, args.experiment, Path(args.to) if args.to else None)
+        elif verb == "export":
+            export_model(cluster, args.experiment, args.trial, Path(args.out))
+
+
+def add_cluster_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``atp-ray cluster VERB ...`` with the main command."""
+    parser = commands.add_parser("cluster", help="run searches on a Ray cluster (cloud or this machine)")
+    parser.set_defaults(handler=_cmd)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    target = dict(default="cluster.yaml", help="cluster YAML (default cluster.yaml), or local[:ROOT] for the local cluster")
+
+    for verb, text in (("up", "start the cloud cluster (ray up)"), ("down", "tear the cloud cluster down (ray down)")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("--cluster", default="cluster.yaml", help="cluster YAML (default cluster.yaml; GCP: launch/gcp.yaml)")
+        p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = verbs.add_parser("submit", help="submit a search as a Ray job and print how to follow it")
+    p.add_argument("--cluster", **target)
+    p.add_argument("--space", required=True, help="search space YAML inside this checkout (e.g. search_spaces/demo.yaml)")
+    p.add_argument("--out", help="experiment dir (default: <storage>/experiments/<space>-<time>)")
+    p.add_argument("--trials", type=int, help="number of trials")
+    p.add_argument("--wait", action="store_true", help="block until the job ends")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides passed to atp-ray search")
+
+    p = verbs.add_parser("resume", help="continue a stopped or crashed search as a new job")
+    p.add_argument("experiment", help="experiment dir/URI, or its name under <storage>/experiments")
+    p.add_argument("--cluster", **target)
+    p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    p.add_argument("--wait", action="store_true", help="block until the job ends")
+
+    p = verbs.add_parser("report", help="build a search's report on the cluster and copy it here")
+    p.add_argument("experiment", help="experiment dir/URI, or its name under <storage>/experiments")
+    p.add_argument("--cluster", **target)
+    p.add_argument("--to", help="local folder (default runs/reports/<experiment name>)")
+
+    p = verbs.add_parser("export", help="export one trial's compressed model and copy it here")
+    p.add_argument("experiment", help="experiment dir/URI, or its name under <storage>/experiments")
+    p.add_argument("--cluster", **target)
+    p.add_argument("--trial", required=True, help="trial id (from the report)")
+    p.add_argument("--out", required=True, help="local folder for the model")
+
+    root_help = f"state and temp dir of the local cluster, at most {MAX_LOCAL_ROOT_CHARS} characters (default {DEFAULT_LOCAL_ROOT})"
+    p = verbs.add_parser("local-up", help="start a two-node Ray cluster on this machine")
+    p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)
+    p.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node offers (default 2)")
+    p.add_argument("--worker-gpus", type=int, default=0, help="GPUs the second node offers (default 0; the head has none)")
+    p = verbs.add_parser("local-down", help="stop the local cluster's nodes by their pids")
+    p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)
