@@ -281,9 +281,19 @@ def check_cluster_config(path: str | Path, *, for_launch: bool) -> dict[str, Any
 # -- where jobs go: a cloud cluster or a local one --------------------------------------------
 
 
-def _run(argv: Sequence[str], env: dict[str, str] | None = None, capture: bool = True) -> str:
-    """Run a command; a failure raises with the command and the tail of its output."""
-    result = subprocess.run(argv, env=env, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+def _run(argv: Sequence[str], env: dict[str, str] | None = None, capture: bool = True, cwd: Path | None = None) -> str:
+    """Run a command; a failure raises with the command and the tail of its output.
+
+    Cloud commands run in the checkout, because the cluster YAML mounts '.' onto the nodes.
+    """
+    result = subprocess.run(
+        argv,
+        env=env,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+    )
     if result.returncode != 0:
         tail = "\n".join((result.stdout or "").strip().splitlines()[-25:])
         raise ClusterError(f"`{shlex.join(argv)}` failed (exit {result.returncode}){':' + chr(10) + tail if tail else ''}")
@@ -349,8 +359,9 @@ class CloudCluster:
             yield address  # a `ray dashboard` that the user keeps open
             return
         forward = subprocess.Popen(
-            [ray_cli(), "dashboard", str(self.config_path), "--port", str(DASHBOARD_PORT)],
+            [ray_cli(), "dashboard", str(self.config_path.resolve()), "--port", str(DASHBOARD_PORT)],
             env=self.env(),
+            cwd=project_root(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -374,7 +385,8 @@ class CloudCluster:
             _copy_from_uri(remote, local)
         else:
             local.parent.mkdir(parents=True, exist_ok=True)
-            _run([ray_cli(), "rsync-down", str(self.config_path), remote.rstrip("/") + "/", str(local)], env=self.env(), capture=False)
+            argv = [ray_cli(), "rsync-down", str(self.config_path.resolve()), remote.rstrip("/") + "/", str(local.resolve())]
+            _run(argv, env=self.env(), capture=False, cwd=project_root())
 
     def export_staging(self, name: str) -> str:
         """Where an export job writes a model on the head before it is fetched."""
@@ -643,7 +655,7 @@ def cloud_up(config_path: str | Path, *, yes: bool = False) -> None:
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     # file_mounts copies ~/.ray/auth_token to every node; the job client presents the same token.
     _run([ray, "get-auth-token", "--generate"], env=env)
-    _run([ray, "up", str(config_path), *(["-y"] if yes else [])], env=env, capture=False)
+    _run([ray, "up", str(Path(config_path).resolve()), *(["-y"] if yes else [])], env=env, capture=False, cwd=project_root())
     print(
         f"cluster {config.get('cluster_name')} is up; search on it with\n"
         f"  atp-ray cluster submit --cluster {config_path} --space search_spaces/<space>.yaml"
@@ -655,7 +667,8 @@ def cloud_down(config_path: str | Path, *, yes: bool = False) -> None:
     ray = ray_cli()
     config = load_cluster_config(config_path)
     require_cloud_credentials(config.get("provider", {}).get("type", ""))
-    _run([ray, "down", str(config_path), *(["-y"] if yes else [])], env=_base_env(), capture=False)
+    argv = [ray, "down", str(Path(config_path).resolve()), *(["-y"] if yes else [])]
+    _run(argv, env=_base_env(), capture=False, cwd=project_root())
 
 
 # -- the local cluster ------------------------------------------------------------------------

@@ -33,6 +33,8 @@ def local_cluster():
     finally:
         cl.local_down(root)
         shutil.rmtree(root, ignore_errors=True)
+    # Every process the two `ray start` commands began is gone (they ran in sessions of their own).
+    assert not cl._session_members(cluster.head_pid) and not cl._session_members(cluster.node_pid)
 
 
 def _trials(experiment: Path) -> dict[int, dict]:
