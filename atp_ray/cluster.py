@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -170,6 +171,8 @@ def ray_schema_problems(config: dict[str, Any]) -> list[str]:
 
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    # prepare_config logs each default it fills in; the user only needs the problems.
+    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
     try:
         validate_config(prepare_config(copy.deepcopy(config)))
     except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's words are the message
@@ -353,31 +356,38 @@ class CloudCluster:
 
     @contextlib.contextmanager
     def job_api(self) -> Iterator[str]:
-        """The dashboard's address on this machine, through ``ray dashboard``'s SSH port-forward."""
-        address = f"http://127.0.0.1:{DASHBOARD_PORT}"
-        if _answers(address, self.token_path()):
-            yield address  # a `ray dashboard` that the user keeps open
-            return
-        forward = subprocess.Popen(
-            [ray_cli(), "dashboard", str(self.config_path.resolve()), "--port", str(DASHBOARD_PORT)],
-            env=self.env(),
-            cwd=project_root(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 90
-            while not _answers(address, self.token_path()):
-                if forward.poll() is not None or time.monotonic() > deadline:
-                    raise ClusterError(
-                        f"cannot reach the head's dashboard through `ray dashboard {self.config_path}`: "
-                        f"is the cluster up (`atp-ray cluster up --cluster {self.config_path}`)?"
-                    )
-                time.sleep(1)
-            yield address
-        finally:
-            _stop_session(forward.pid)
+        """The dashboard's address on this machine, through a ``ray dashboard`` SSH port-forward.
+
+        The forward gets a free port of its own: whatever answers on 8265 here may be another
+        Ray (a local one, another cluster's forward), and a search must not go there.
+        """
+        import tempfile
+
+        (port,) = _free_ports(1)
+        address = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryFile("w+") as log:
+            forward = subprocess.Popen(
+                [ray_cli(), "dashboard", str(self.config_path.resolve()), "--port", str(port)],
+                env=self.env(),
+                cwd=project_root(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                deadline = time.monotonic() + 90
+                while not _answers(address, self.token_path()):
+                    if forward.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        tail = "\n".join(log.read().strip().splitlines()[-5:])
+                        raise ClusterError(
+                            f"cannot reach the head's dashboard through `ray dashboard {self.config_path}`: "
+                            f"is the cluster up (`atp-ray cluster up --cluster {self.config_path}`)?\n{tail}"
+                        )
+                    time.sleep(1)
+                yield address
+            finally:
+                _stop_session(forward.pid)
 
     def fetch(self, remote: str, local: Path) -> None:
         """Copy a folder from the cluster: from the bucket when it is a URI, else from the head."""

@@ -192,3 +192,10 @@ def test_cli_reports_a_missing_config_with_exit_code_2(tmp_path, capsys):
 
     assert main(["cluster", "up", "--cluster", str(tmp_path / "nope.yaml")]) == 2
     assert "atp-ray cluster: error: cluster config not found" in capsys.readouterr().err
+
+
+def test_submit_to_a_cloud_cluster_that_is_not_up_fails_clearly(tmp_path):
+    """The real `ray dashboard` port-forward is tried and gives up (no cloud here); about 10 s."""
+    cluster = cl.CloudCluster.open(_filled("aws", tmp_path))
+    with pytest.raises(ClusterError, match="cannot reach the head's dashboard"):
+        cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="s3://my-value/atp-ray/experiments/x")
