@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -35,16 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from atp_ray.cluster_config import DRIVER_RESOURCE, DRIVER_RESOURCE_UNITS, check_cluster_config, load_cluster_config
 from atp_ray.errors import ClusterError
 
-# The custom resource that only the head node offers: a search's driver (the job's entrypoint)
-# asks for one unit, so it lands on the head, next to the trial drivers and away from the GPUs.
-DRIVER_RESOURCE = "search_driver"
-DRIVER_RESOURCE_UNITS = 1000
-# Word marking the values in a shipped cluster YAML that a user must replace.
-PLACEHOLDER = "CHANGE-ME"
 # Never uploaded with a job: virtual environments, run outputs, git history.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "models", ".cache", "__pycache__"]
 # Ray keeps unix sockets under a node's temp dir; their paths must stay under 107 bytes.
@@ -88,7 +80,9 @@ def project_root() -> Path:
     """The atp-ray checkout that jobs upload as their working dir."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():
-        raise ClusterError(f"jobs upload the atp-ray checkout, but {root} is not one (no pyproject.toml): run from a git clone")
+        raise ClusterError(
+            f"jobs upload the atp-ray checkout, but {root} is not one (no pyproject.toml): run from a git clone"
+        )
     return root
 
 
@@ -97,7 +91,9 @@ def ray_cli() -> str:
     beside = Path(sys.executable).parent / "ray"
     found = str(beside) if beside.is_file() else shutil.which("ray")
     if not found:
-        raise ClusterError("the `ray` command is not installed: pip install 'atp-ray[cluster]' (it brings ray[default])")
+        raise ClusterError(
+            "the `ray` command is not installed: pip install 'atp-ray[cluster]' (it brings ray[default])"
+        )
     return found
 
 
@@ -129,7 +125,9 @@ def require_cloud_credentials(provider: str) -> None:
             )
     elif provider == "gcp":
         if importlib.util.find_spec("googleapiclient") is None or importlib.util.find_spec("google.auth") is None:
-            raise ClusterError("provider gcp: `ray up` needs google-api-python-client: pip install google-api-python-client")
+            raise ClusterError(
+                "provider gcp: `ray up` needs google-api-python-client: pip install google-api-python-client"
+            )
         import google.auth
         from google.auth.exceptions import DefaultCredentialsError
 
@@ -145,140 +143,6 @@ def require_cloud_credentials(provider: str) -> None:
 
 def _is_uri(path: str) -> bool:
     return "://" in path
-
-
-# -- the cluster YAML -------------------------------------------------------------------------
-
-
-def load_cluster_config(path: str | Path) -> dict[str, Any]:
-    """Read a cluster YAML; a missing or non-mapping file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClusterError(f"cluster config not found: {path} (the AWS one is cluster.yaml, the GCP one launch/gcp.yaml)")
-    config = yaml.safe_load(path.read_text())
-    if not isinstance(config, dict):
-        raise ClusterError(f"{path}: a cluster config is a YAML mapping")
-    return config
-
-
-def ray_schema_problems(config: dict[str, Any]) -> list[str]:
-    """Ray's own check of a cluster config, offline: its defaults filled in, then its JSON schema.
-
-    This is what ``ray up`` runs before it contacts the cloud (``prepare_config`` reads the
-    provider's ``defaults.yaml`` shipped in the ray package; ``validate_config`` the schema).
-    """
-    import copy
-
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    # prepare_config logs each default it fills in; the user only needs the problems.
-    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)
-    try:
-        validate_config(prepare_config(copy.deepcopy(config)))
-    except Exception as err:  # jsonschema.ValidationError, ValueError: Ray's words are the message
-        message = getattr(err, "message", None) or str(err)
-        where = ".".join(str(p) for p in getattr(err, "absolute_path", []))
-        return [f"ray schema: {where + ': ' if where else ''}{message}"]
-    return []
-
-
-def _start_commands(config: dict[str, Any]) -> list[str]:
-    return [*config.get("head_start_ray_commands", []), *config.get("worker_start_ray_commands", [])]
-
-
-def atp_ray_problems(config: dict[str, Any]) -> list[str]:
-    """The rules atp-ray's cluster configs keep on top of Ray's schema; one message per broken rule."""
-    problems: list[str] = []
-    nodes = config.get("available_node_types", {})
-    head_name = config.get("head_node_type")
-    head = nodes.get(head_name, {})
-    head_resources = head.get("resources", {})
-    if head_resources.get("GPU", None) != 0:
-        problems.append(f"available_node_types.{head_name}.resources.GPU: the head trains nothing, set it to 0")
-    if head_resources.get(DRIVER_RESOURCE, 0) < 1:
-        problems.append(
-            f"available_node_types.{head_name}.resources.{DRIVER_RESOURCE}: the head must offer it "
-            f"(e.g. {DRIVER_RESOURCE_UNITS}) so search drivers land there"
-        )
-    workers = {name: node for name, node in nodes.items() if name != head_name}
-    if len(workers) != 1:
-        problems.append(f"available_node_types: expected one GPU worker type, got {sorted(workers)}")
-    for name, node in workers.items():
-        if node.get("resources", {}).get("GPU", 0) < 2:
-            problems.append(f"available_node_types.{name}.resources.GPU: a worker is a multi-GPU instance (>= 2)")
-        if node.get("min_workers", 0) != 0:
-            problems.append(f"available_node_types.{name}.min_workers: must be 0 (GPUs only while a search needs them)")
-        if DRIVER_RESOURCE in node.get("resources", {}):
-            problems.append(f"available_node_types.{name}.resources: only the head offers {DRIVER_RESOURCE}")
-
-    starts = _start_commands(config)
-    ray_starts = [c for c in starts if "ray start" in c]
-    head_starts = [c for c in config.get("head_start_ray_commands", []) if "ray start" in c]
-    if not all("RAY_AUTH_MODE=token" in c for c in ray_starts) or len(ray_starts) < 2:
-        problems.append("head/worker_start_ray_commands: every `ray start` runs with RAY_AUTH_MODE=token")
-    if not head_starts or not all("--dashboard-host=127.0.0.1" in c for c in head_starts):
-        problems.append("head_start_ray_commands: the dashboard binds --dashboard-host=127.0.0.1 (reach it with `ray dashboard`)")
-    if any("0.0.0.0" in c for c in starts):
-        problems.append("head/worker_start_ray_commands: nothing may listen on 0.0.0.0")
-    token_mounts = [r for r, local in config.get("file_mounts", {}).items() if local == "~/.ray/auth_token"]
-    if token_mounts != ["~/.ray/auth_token"]:
-        problems.append("file_mounts: must copy ~/.ray/auth_token (this machine's token) to ~/.ray/auth_token on every node")
-
-    for rule in config.get("provider", {}).get("security_group", {}).get("IpPermissions", []):
-        world = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or any(
-            r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", [])
-        )
-        if world and not (rule.get("FromPort") == 22 == rule.get("ToPort")):
-            problems.append(f"provider.security_group.IpPermissions: only SSH (22) may be open to the world, got {rule}")
-
-    setup = "\n".join(config.get("setup_commands", []))
-    mounted_project = [r for r, local in config.get("file_mounts", {}).items() if local == "."]
-    if len(mounted_project) != 1:
-        problems.append("file_mounts: must copy this checkout ('.') to the nodes, once")
-    elif f"cd {mounted_project[0]} && " not in setup or "scripts/bootstrap.sh" not in setup:
-        problems.append(f"setup_commands: must install the project with `cd {mounted_project[0]} && ... scripts/bootstrap.sh`")
-    import ray
-
-    if f"ray[default,train,tune]=={ray.__version__}" not in setup:
-        problems.append(
-            f"setup_commands: must pin ray[default,train,tune]=={ray.__version__}, the version on this machine "
-            "(the job client and the cluster must run the same Ray)"
-        )
-    if "HF_HOME=" not in setup:
-        problems.append("setup_commands: must export HF_HOME onto the large disk")
-
-    storage = str(config.get("metadata", {}).get("atp_ray", {}).get("storage", ""))
-    scheme = {"aws": "s3://", "gcp": "gs://"}.get(config.get("provider", {}).get("type", ""), "")
-    if not (storage.startswith(scheme) and scheme) and not storage.startswith("/"):
-        problems.append(
-            f"metadata.atp_ray.storage: experiments live in shared storage, a {scheme or 's3:// or gs://'} URI "
-            f"or an NFS path mounted on every node; got {storage!r}"
-        )
-    return problems
-
-
-def placeholders(value: Any, where: str = "") -> list[str]:
-    """Dotted paths of the values still holding the ``CHANGE-ME`` placeholder."""
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in placeholders(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in placeholders(v, f"{where}[{i}]")]
-    return [where] if PLACEHOLDER in str(value) else []
-
-
-def check_cluster_config(path: str | Path, *, for_launch: bool) -> dict[str, Any]:
-    """Load and check a cluster YAML; every problem is reported at once.
-
-    ``for_launch`` also refuses values a user has yet to fill in (``CHANGE-ME``).
-    """
-    config = load_cluster_config(path)
-    problems = ray_schema_problems(config) + atp_ray_problems(config)
-    if for_launch:
-        problems += [f"{p}: replace the {PLACEHOLDER} placeholder (see the comment above it)" for p in placeholders(config)]
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ClusterError(f"{path}: {len(problems)} problem(s):\n{lines}")
-    return config
 
 
 # -- where jobs go: a cloud cluster or a local one --------------------------------------------
@@ -299,7 +163,9 @@ def _run(argv: Sequence[str], env: dict[str, str] | None = None, capture: bool =
     )
     if result.returncode != 0:
         tail = "\n".join((result.stdout or "").strip().splitlines()[-25:])
-        raise ClusterError(f"`{shlex.join(argv)}` failed (exit {result.returncode}){':' + chr(10) + tail if tail else ''}")
+        raise ClusterError(
+            f"`{shlex.join(argv)}` failed (exit {result.returncode}){':' + chr(10) + tail if tail else ''}"
+        )
     return result.stdout or ""
 
 
@@ -395,7 +261,13 @@ class CloudCluster:
             _copy_from_uri(remote, local)
         else:
             local.parent.mkdir(parents=True, exist_ok=True)
-            argv = [ray_cli(), "rsync-down", str(self.config_path.resolve()), remote.rstrip("/") + "/", str(local.resolve())]
+            argv = [
+                ray_cli(),
+                "rsync-down",
+                str(self.config_path.resolve()),
+                remote.rstrip("/") + "/",
+                str(local.resolve()),
+            ]
             _run(argv, env=self.env(), capture=False, cwd=project_root())
 
     def export_staging(self, name: str) -> str:
@@ -405,7 +277,8 @@ class CloudCluster:
     def follow_hint(self, job_id: str) -> str:
         return (
             f"  keep a port-forward to the head open in another terminal:  ray dashboard {self.config_path}\n"
-            f"  then follow the job:  RAY_AUTH_MODE=token ray job logs -f {job_id} --address http://127.0.0.1:{DASHBOARD_PORT}\n"
+            f"  then follow the job:  RAY_AUTH_MODE=token ray job logs -f {job_id} "
+            f"--address http://127.0.0.1:{DASHBOARD_PORT}\n"
             f"  dashboard: http://127.0.0.1:{DASHBOARD_PORT} (its token: `ray get-auth-token`)"
         )
 
@@ -446,12 +319,16 @@ class LocalCluster:
     def check_shared(self, path: str) -> None:
         """Both nodes share this machine's file system; a path only has to be absolute."""
         if not _is_uri(path) and not Path(path).is_absolute():
-            raise ClusterError(f"{path!r}: give the experiment an absolute path (the job runs in a copy of the checkout)")
+            raise ClusterError(
+                f"{path!r}: give the experiment an absolute path (the job runs in a copy of the checkout)"
+            )
 
     @contextlib.contextmanager
     def job_api(self) -> Iterator[str]:
         if not _answers(self.dashboard_url, self.token_path()):
-            raise ClusterError(f"the local cluster in {self.root} does not answer: start it with `atp-ray cluster local-up`")
+            raise ClusterError(
+                f"the local cluster in {self.root} does not answer: start it with `atp-ray cluster local-up`"
+            )
         yield self.dashboard_url
 
     def fetch(self, remote: str, local: Path) -> None:
@@ -543,15 +420,10 @@ def submit_job(cluster: Cluster, command: Sequence[str], *, job_name: str, wait:
     job_id = f"{job_name}-{_stamp()}"
     runtime_env = {"working_dir": str(project_root()), "excludes": WORKING_DIR_EXCLUDES}
     with cluster.job_api() as address:
-        _run(
-            [
-                ray_cli(), "job", "submit", "--address", address, "--submission-id", job_id,
-                "--runtime-env-json", json.dumps(runtime_env),
-                "--entrypoint-resources", json.dumps({DRIVER_RESOURCE: 1}),
-                "--no-wait", "--", *command,
-            ],
-            env=cluster.env(),
-        )
+        argv = [ray_cli(), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait"]
+        argv += ["--runtime-env-json", json.dumps(runtime_env)]
+        argv += ["--entrypoint-resources", json.dumps({DRIVER_RESOURCE: 1})]
+        _run([*argv, "--", *command], env=cluster.env())
         print(f"submitted job {job_id} to {cluster.name}: {shlex.join(command)}\n{cluster.follow_hint(job_id)}")
         if wait:
             status = wait_for_job(cluster, job_id, address=address)
@@ -570,6 +442,9 @@ def job_status(cluster: Cluster, job_id: str, address: str | None = None) -> str
 
 def wait_for_job(cluster: Cluster, job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> str:
     """Poll until the job ends; returns its final status."""
+    if address is None:
+        with cluster.job_api() as address:  # one port-forward for the whole wait
+            return wait_for_job(cluster, job_id, address=address, timeout_s=timeout_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while (status := job_status(cluster, job_id, address)) not in TERMINAL_JOB_STATES:
         if deadline is not None and time.monotonic() > deadline:
@@ -620,15 +495,24 @@ def submit_search(
 
 
 def resume_search(
-    cluster: Cluster, experiment: str, *, retry_failed: bool = False, commands: JobCommands = JobCommands(), wait: bool = False
+    cluster: Cluster,
+    experiment: str,
+    *,
+    retry_failed: bool = False,
+    commands: JobCommands = JobCommands(),
+    wait: bool = False,
 ) -> str:
     """Continue a stopped or crashed search as a new job."""
     experiment = _experiment_dir(cluster, experiment)
     cluster.check_shared(experiment)
-    return submit_job(cluster, commands.resume(experiment, retry_failed), job_name=f"resume-{Path(experiment).name}", wait=wait)
+    return submit_job(
+        cluster, commands.resume(experiment, retry_failed), job_name=f"resume-{Path(experiment).name}", wait=wait
+    )
 
 
-def fetch_report(cluster: Cluster, experiment: str, to: Path | None = None, *, commands: JobCommands = JobCommands()) -> Path:
+def fetch_report(
+    cluster: Cluster, experiment: str, to: Path | None = None, *, commands: JobCommands = JobCommands()
+) -> Path:
     """Build the report on the cluster (a job), then copy EXPERIMENT/report/ here."""
     experiment = _experiment_dir(cluster, experiment)
     cluster.check_shared(experiment)
@@ -646,7 +530,9 @@ def export_model(
     experiment = _experiment_dir(cluster, experiment)
     cluster.check_shared(experiment)
     staging = cluster.export_staging(f"{Path(experiment).name}-{trial}")
-    submit_job(cluster, commands.export(experiment, trial, staging), job_name=f"export-{Path(experiment).name}", wait=True)
+    submit_job(
+        cluster, commands.export(experiment, trial, staging), job_name=f"export-{Path(experiment).name}", wait=True
+    )
     cluster.fetch(staging, out)
     print(f"model: {out}")
     return out
@@ -665,7 +551,12 @@ def cloud_up(config_path: str | Path, *, yes: bool = False) -> None:
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     # file_mounts copies ~/.ray/auth_token to every node; the job client presents the same token.
     _run([ray, "get-auth-token", "--generate"], env=env)
-    _run([ray, "up", str(Path(config_path).resolve()), *(["-y"] if yes else [])], env=env, capture=False, cwd=project_root())
+    _run(
+        [ray, "up", str(Path(config_path).resolve()), *(["-y"] if yes else [])],
+        env=env,
+        capture=False,
+        cwd=project_root(),
+    )
     print(
         f"cluster {config.get('cluster_name')} is up; search on it with\n"
         f"  atp-ray cluster submit --cluster {config_path} --space search_spaces/<space>.yaml"
@@ -742,6 +633,15 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
+def _is_node_leader(pid: int) -> bool:
+    """Is ``pid`` still a ``ray start`` that leads its own session (not a reused pid)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return bool(pid) and bool(_session_members(pid))  # the leader is gone; stragglers may remain
+    return os.getsid(pid) == pid and b"start" in cmdline and any(part.endswith(b"ray") for part in cmdline)
+
+
 def _stop_session(pid: int, grace_s: float = 20) -> None:
     """Stop a process we started in its own session, then anything left in that session.
 
@@ -787,19 +687,31 @@ def local_up(
     cluster = LocalCluster(root=root, gcs_port=ports[0], dashboard_port=ports[1], head_pid=0, node_pid=0)
     env = cluster.env()
     head = [
-        ray, "start", "--head", f"--port={cluster.gcs_port}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}",
+        ray,
+        "start",
+        "--head",
+        f"--port={cluster.gcs_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={cluster.dashboard_port}",
         f"--ray-client-server-port={ports[2]}",
         f"--resources={json.dumps({DRIVER_RESOURCE: DRIVER_RESOURCE_UNITS})}",
         *_node_args(root / "h", cpus_per_node, 0, ports[3:9]),
     ]
     cluster.head_pid = _start_node(head, root / "head.log", env, timeout_s)
     cluster.save()  # from here on, local-down can stop what runs
-    node = [ray, "start", f"--address={cluster.address}", *_node_args(root / "w", cpus_per_node, worker_gpus, ports[9:15])]
+    node = [
+        ray,
+        "start",
+        f"--address={cluster.address}",
+        *_node_args(root / "w", cpus_per_node, worker_gpus, ports[9:15]),
+    ]
     try:
         cluster.node_pid = _start_node(node, root / "node.log", env, timeout_s)
-    finally:
-        cluster.save()
+    except BaseException:
+        local_down(root)  # no half cluster left behind
+        raise
+    cluster.save()
     print(
         f"local cluster up: head {cluster.address} (pid {cluster.head_pid}), second node pid {cluster.node_pid}\n"
         f"  search on it:  atp-ray cluster submit --cluster local:{root} --space search_spaces/demo.yaml\n"
@@ -813,7 +725,7 @@ def local_down(root: str | Path = DEFAULT_LOCAL_ROOT) -> None:
     """Stop the two nodes of a local cluster by their own pids (second node first)."""
     cluster = LocalCluster.load(root)
     for pid in (cluster.node_pid, cluster.head_pid):
-        if pid:
+        if _is_node_leader(pid):
             _stop_session(pid)
     (cluster.root / LocalCluster.STATE_FILE).unlink()
     print(f"local cluster in {cluster.root} stopped")
@@ -835,7 +747,9 @@ def _cmd(args: argparse.Namespace) -> None:
     else:
         cluster = open_cluster(args.cluster)
         if verb == "submit":
-            submit_search(cluster, args.space, out=args.out, trials=args.trials, overrides=args.overrides, wait=args.wait)
+            submit_search(
+                cluster, args.space, out=args.out, trials=args.trials, overrides=args.overrides, wait=args.wait
+            )
         elif verb == "resume":
             resume_search(cluster, args.experiment, retry_failed=args.retry_failed, wait=args.wait)
         elif verb == "report":
@@ -849,16 +763,22 @@ def add_cluster_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("cluster", help="run searches on a Ray cluster (cloud or this machine)")
     parser.set_defaults(handler=_cmd)
     verbs = parser.add_subparsers(dest="verb", required=True)
-    target = dict(default="cluster.yaml", help="cluster YAML (default cluster.yaml), or local[:ROOT] for the local cluster")
+    target = dict(
+        default="cluster.yaml", help="cluster YAML (default cluster.yaml), or local[:ROOT] for the local cluster"
+    )
 
     for verb, text in (("up", "start the cloud cluster (ray up)"), ("down", "tear the cloud cluster down (ray down)")):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("--cluster", default="cluster.yaml", help="cluster YAML (default cluster.yaml; GCP: launch/gcp.yaml)")
+        p.add_argument(
+            "--cluster", default="cluster.yaml", help="cluster YAML (default cluster.yaml; GCP: launch/gcp.yaml)"
+        )
         p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     p = verbs.add_parser("submit", help="submit a search as a Ray job and print how to follow it")
     p.add_argument("--cluster", **target)
-    p.add_argument("--space", required=True, help="search space YAML inside this checkout (e.g. search_spaces/demo.yaml)")
+    p.add_argument(
+        "--space", required=True, help="search space YAML inside this checkout (e.g. search_spaces/demo.yaml)"
+    )
     p.add_argument("--out", help="experiment dir (default: <storage>/experiments/<space>-<time>)")
     p.add_argument("--trials", type=int, help="number of trials")
     p.add_argument("--wait", action="store_true", help="block until the job ends")
@@ -881,10 +801,15 @@ def add_cluster_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--trial", required=True, help="trial id (from the report)")
     p.add_argument("--out", required=True, help="local folder for the model")
 
-    root_help = f"state and temp dir of the local cluster, at most {MAX_LOCAL_ROOT_CHARS} characters (default {DEFAULT_LOCAL_ROOT})"
+    root_help = (
+        f"state and temp dir of the local cluster, at most {MAX_LOCAL_ROOT_CHARS} characters "
+        f"(default {DEFAULT_LOCAL_ROOT})"
+    )
     p = verbs.add_parser("local-up", help="start a two-node Ray cluster on this machine")
     p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)
     p.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node offers (default 2)")
-    p.add_argument("--worker-gpus", type=int, default=0, help="GPUs the second node offers (default 0; the head has none)")
+    p.add_argument(
+        "--worker-gpus", type=int, default=0, help="GPUs the second node offers (default 0; the head has none)"
+    )
     p = verbs.add_parser("local-down", help="stop the local cluster's nodes by their pids")
     p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)

@@ -27,7 +27,12 @@ def _write(path: Path, data: dict) -> None:
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 def trial(index: int, sleep_s: float) -> dict:
     time.sleep(sleep_s)
-    return {"trial": index, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "loss": 1.0 / (index + 1)}
+    return {
+        "trial": index,
+        "node": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "loss": 1.0 / (index + 1),
+    }
 
 
 def run_trials(out: Path) -> None:
@@ -69,7 +74,9 @@ def main() -> None:
         out = Path(args.out)
         overrides = dict(o.split("=", 1) for o in args.overrides)
         space = Path(args.space).read_text()  # read from the uploaded working dir, as the search does
-        _write(out / "spec.json", {"space": space, "trials": args.trials, "sleep_s": float(overrides.get("sleep_s", 1))})
+        _write(
+            out / "spec.json", {"space": space, "trials": args.trials, "sleep_s": float(overrides.get("sleep_s", 1))}
+        )
         run_trials(out)
     elif args.verb == "resume":
         run_trials(Path(args.experiment))

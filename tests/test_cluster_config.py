@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from atp_ray import cluster as cl
+from atp_ray import cluster_config as cc
 from atp_ray.errors import ClusterError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +40,9 @@ def _config(provider: str) -> dict:
 def test_shipped_config_passes_ray_schema_and_atp_rules(provider):
     config = _config(provider)
     assert config["provider"]["type"] == provider
-    assert cl.ray_schema_problems(config) == []
-    assert cl.atp_ray_problems(config) == []
-    assert set(cl.placeholders(config)) == EXPECTED_PLACEHOLDERS[provider]
+    assert cc.ray_schema_problems(config) == []
+    assert cc.atp_ray_problems(config) == []
+    assert set(cc.placeholders(config)) == EXPECTED_PLACEHOLDERS[provider]
 
 
 @pytest.mark.parametrize("provider", sorted(CONFIGS))
@@ -50,7 +51,7 @@ def test_shipped_config_invariants(provider):
     config = _config(provider)
     head = config["available_node_types"][config["head_node_type"]]
     (worker,) = [n for name, n in config["available_node_types"].items() if name != config["head_node_type"]]
-    assert head["resources"]["GPU"] == 0 and head["resources"][cl.DRIVER_RESOURCE] >= 1
+    assert head["resources"]["GPU"] == 0 and head["resources"][cc.DRIVER_RESOURCE] >= 1
     assert worker["min_workers"] == 0 and worker["resources"]["GPU"] >= 2
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
@@ -59,11 +60,14 @@ def test_shipped_config_invariants(provider):
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert config["metadata"]["atp_ray"]["storage"].startswith({"aws": "s3://", "gcp": "gs://"}[provider])
     setup = config["setup_commands"]
-    assert setup.index("cd ~/atp-ray && ATP_RAY_VENV=~/atp-venv bash scripts/bootstrap.sh") >= 0  # torch first, then the package
+    assert (
+        setup.index("cd ~/atp-ray && ATP_RAY_VENV=~/atp-venv bash scripts/bootstrap.sh") >= 0
+    )  # torch first, then the package
     assert config["file_mounts"]["~/atp-ray"] == "."
     assert any("HF_HOME=$HOME/hf-cache" in c for c in setup)
-    disk = head["node_config"].get("BlockDeviceMappings", [{}])[0].get("Ebs", {}).get("VolumeSize") or (
-        worker["node_config"]["disks"][0]["initializeParams"]["diskSizeGb"]
+    disk = (
+        head["node_config"].get("BlockDeviceMappings", [{}])[0].get("Ebs", {}).get("VolumeSize")
+        or (worker["node_config"]["disks"][0]["initializeParams"]["diskSizeGb"])
     )
     assert disk >= 200
     for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
@@ -78,7 +82,7 @@ def test_bootstrap_installs_torch_before_the_package():
 def _broken(mutate) -> list[str]:
     config = copy.deepcopy(_config("aws"))
     mutate(config)
-    return cl.ray_schema_problems(config) + cl.atp_ray_problems(config)
+    return cc.ray_schema_problems(config) + cc.atp_ray_problems(config)
 
 
 def _set_head_start(config, old, new):
@@ -86,11 +90,17 @@ def _set_head_start(config, old, new):
 
 
 BREAKAGES = {
-    "public dashboard": (lambda c: _set_head_start(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "127.0.0.1"),
+    "public dashboard": (
+        lambda c: _set_head_start(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
+        "127.0.0.1",
+    ),
     "no token auth": (lambda c: _set_head_start(c, "RAY_AUTH_MODE=token ", ""), "RAY_AUTH_MODE=token"),
     "token not copied": (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "auth_token"),
     "head with GPUs": (lambda c: c["available_node_types"]["head"]["resources"].update(GPU=1), "head trains nothing"),
-    "no driver resource": (lambda c: c["available_node_types"]["head"]["resources"].pop(cl.DRIVER_RESOURCE), "search_driver"),
+    "no driver resource": (
+        lambda c: c["available_node_types"]["head"]["resources"].pop(cc.DRIVER_RESOURCE),
+        "search_driver",
+    ),
     "GPUs always on": (lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=1), "min_workers"),
     "single GPU workers": (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=1), "multi-GPU"),
     "local storage": (lambda c: c["metadata"]["atp_ray"].update(storage="runs/experiments"), "shared storage"),
@@ -121,11 +131,11 @@ def test_launch_refuses_placeholders_and_reports_every_problem(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ClusterError) as err:
-        cl.check_cluster_config(path, for_launch=True)
+        cc.check_cluster_config(path, for_launch=True)
     message = str(err.value)
     assert "5 problem(s)" in message and "dashboard-host=127.0.0.1" in message
     assert all(p in message for p in EXPECTED_PLACEHOLDERS["aws"])
-    cl.check_cluster_config(CONFIGS["aws"], for_launch=False)  # the shipped file is fine apart from them
+    cc.check_cluster_config(CONFIGS["aws"], for_launch=False)  # the shipped file is fine apart from them
 
 
 def _filled(provider: str, tmp_path: Path) -> Path:
@@ -154,7 +164,15 @@ def test_experiment_names_resolve_under_the_storage(tmp_path):
 def test_job_commands_are_atp_ray_search_resume_report_export():
     c = cl.JobCommands()
     assert c.search("search_spaces/demo.yaml", "s3://b/e", 8, ["search.metric=x"]) == [
-        "atp-ray", "search", "--space", "search_spaces/demo.yaml", "--out", "s3://b/e", "--trials", "8", "search.metric=x",
+        "atp-ray",
+        "search",
+        "--space",
+        "search_spaces/demo.yaml",
+        "--out",
+        "s3://b/e",
+        "--trials",
+        "8",
+        "search.metric=x",
     ]
     assert c.resume("s3://b/e", True) == ["atp-ray", "resume", "s3://b/e", "--retry-failed"]
     assert c.report("s3://b/e") == ["atp-ray", "report", "s3://b/e"]
