@@ -734,34 +734,25 @@ def local_down(root: str | Path = DEFAULT_LOCAL_ROOT) -> None:
 # -- the command line -------------------------------------------------------------------------
 
 
-def _cmd(args: argparse.Namespace) -> None:
-    verb = args.verb
-    if verb == "up":
-        cloud_up(args.cluster, yes=args.yes)
-    elif verb == "down":
-        cloud_down(args.cluster, yes=args.yes)
-    elif verb == "local-up":
-        local_up(args.root, cpus_per_node=args.cpus_per_node, worker_gpus=args.worker_gpus)
-    elif verb == "local-down":
-        local_down(args.root)
-    else:
-        cluster = open_cluster(args.cluster)
-        if verb == "submit":
-            submit_search(
-                cluster, args.space, out=args.out, trials=args.trials, overrides=args.overrides, wait=args.wait
-            )
-        elif verb == "resume":
-            resume_search(cluster, args.experiment, retry_failed=args.retry_failed, wait=args.wait)
-        elif verb == "report":
-            fetch_report(cluster, args.experiment, Path(args.to) if args.to else None)
-        elif verb == "export":
-            export_model(cluster, args.experiment, args.trial, Path(args.out))
+# One handler per verb; ``atp-ray``'s main calls ``args.handler(args)``.
+_HANDLERS = {
+    "up": lambda a: cloud_up(a.cluster, yes=a.yes),
+    "down": lambda a: cloud_down(a.cluster, yes=a.yes),
+    "local-up": lambda a: local_up(a.root, cpus_per_node=a.cpus_per_node, worker_gpus=a.worker_gpus),
+    "local-down": lambda a: local_down(a.root),
+    "submit": lambda a: submit_search(
+        open_cluster(a.cluster), a.space, out=a.out, trials=a.trials, overrides=a.overrides, wait=a.wait
+    ),
+    "resume": lambda a: resume_search(open_cluster(a.cluster), a.experiment, retry_failed=a.retry_failed, wait=a.wait),
+    "report": lambda a: fetch_report(open_cluster(a.cluster), a.experiment, Path(a.to) if a.to else None),
+    "export": lambda a: export_model(open_cluster(a.cluster), a.experiment, a.trial, Path(a.out)),
+}
 
 
 def add_cluster_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``atp-ray cluster VERB ...`` with the main command."""
     parser = commands.add_parser("cluster", help="run searches on a Ray cluster (cloud or this machine)")
-    parser.set_defaults(handler=_cmd)
+    parser.set_defaults(handler=lambda args: _HANDLERS[args.verb](args))
     verbs = parser.add_subparsers(dest="verb", required=True)
     target = dict(
         default="cluster.yaml", help="cluster YAML (default cluster.yaml), or local[:ROOT] for the local cluster"

@@ -37,6 +37,14 @@ def local_cluster():
     assert not cl._session_members(cluster.head_pid) and not cl._session_members(cluster.node_pid)
 
 
+def _task_nodes(cluster: cl.LocalCluster, submission_id: str) -> set[str]:
+    """The nodes where a job's tasks and actor tasks ran, from Ray's own state API."""
+    job = cl._get_json(f"{cluster.dashboard_url}/api/jobs/{submission_id}", cluster.token_path())["job_id"]
+    query = f"detail=1&limit=100000&filter_keys=job_id&filter_predicates=%3D&filter_values={job}"
+    tasks = cl._get_json(f"{cluster.dashboard_url}/api/v0/tasks?{query}", cluster.token_path())["data"]["result"]
+    return {t["node_id"] for t in tasks["result"] if t.get("node_id")}
+
+
 def _trials(experiment: Path) -> dict[int, dict]:
     return {r["trial"]: r for r in (json.loads(p.read_text()) for p in (experiment / "trials").glob("trial_*.json"))}
 
@@ -55,6 +63,7 @@ def test_job_runs_on_both_nodes_and_its_report_comes_back(local_cluster, tmp_pat
     (driver,) = [json.loads(p.read_text()) for p in (experiment / "drivers").glob("*.json")]
     assert len(driver["nodes"]) == 2
     assert {t["node"] for t in trials.values()} == set(driver["nodes"]), "trials ran on both nodes"
+    assert _task_nodes(local_cluster, job_id) == set(driver["nodes"]), "and Ray's own records agree"
     # The driver asked for the head-only resource, so it ran on the head, which has no GPUs.
     head = driver["nodes"][driver["driver_node"]]
     assert head[cl.DRIVER_RESOURCE] == cl.DRIVER_RESOURCE_UNITS and "GPU" not in head
@@ -104,7 +113,8 @@ def test_real_search_job_stopped_and_resumed(local_cluster, tmp_path):
         time.sleep(2)
     cl.stop_job(local_cluster, job_id)
     assert cl.wait_for_job(local_cluster, job_id, timeout_s=120) == "STOPPED"
-    cl.resume_search(local_cluster, str(experiment), wait=True)
+    resumed = cl.resume_search(local_cluster, str(experiment), wait=True)
+    assert len(_task_nodes(local_cluster, job_id) | _task_nodes(local_cluster, resumed)) == 2, "trials on both nodes"
     report = cl.fetch_report(local_cluster, str(experiment), tmp_path / "report")
     assert any(report.iterdir())
 
