@@ -212,12 +212,12 @@ class CloudCluster:
         return f"{self.storage}/experiments"
 
     def check_shared(self, path: str) -> None:
-        """Experiments must be readable by every node: a bucket URI or the NFS storage path."""
+        """Experiments must be readable by every node: under the NFS storage path, or a bucket URI."""
         if _is_uri(path) or (self.storage.startswith("/") and Path(path).is_relative_to(self.storage)):
             return
         raise ClusterError(
             f"{path!r} is a local path, but the cluster has several nodes that must all read the experiment: "
-            f"use the storage of {self.config_path} ({self.storage}/...) or another s3:// / gs:// URI"
+            f"put it under the shared storage of {self.config_path} ({self.storage}/...)"
         )
 
     @contextlib.contextmanager
@@ -392,6 +392,16 @@ def _get_json(url: str, token_path: Path, timeout: float = 10) -> Any:
         raise ClusterError(f"{url}: HTTP {err.code} {err.reason}") from None
 
 
+def _post_json(url: str, token_path: Path, timeout: float = 30) -> Any:
+    token = token_path.read_text().strip() if token_path.is_file() else ""
+    request = urllib.request.Request(url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        raise ClusterError(f"{url}: HTTP {err.code} {err.reason}") from None
+
+
 def _copy_from_uri(uri: str, local: Path) -> None:
     """Download a folder from s3:// or gs:// with pyarrow (this machine's cloud credentials)."""
     import pyarrow.fs
@@ -454,9 +464,10 @@ def wait_for_job(cluster: Cluster, job_id: str, *, address: str | None = None, t
 
 
 def stop_job(cluster: Cluster, job_id: str) -> None:
-    """Stop a running job (its trials stop with it; the experiment stays resumable)."""
+    """Ask Ray to stop a running job (``ray job stop``'s request); its trials stop with it and the
+    experiment stays resumable."""
     with cluster.job_api() as address:
-        _run([ray_cli(), "job", "stop", "--address", address, job_id], env=cluster.env())
+        _post_json(f"{address}/api/jobs/{job_id}/stop", cluster.token_path())
 
 
 # -- the verbs --------------------------------------------------------------------------------

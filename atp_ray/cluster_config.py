@@ -4,7 +4,8 @@ atp-ray's rules: a CPU head with the ``search_driver`` resource and no GPUs, one
 multi-GPU worker type (min 0), Ray token authentication on every node, the dashboard on the
 head's 127.0.0.1 only, nothing but SSH open to the world, this checkout installed by
 ``scripts/bootstrap.sh`` with Ray pinned to this machine's version, ``HF_HOME`` set, and
-shared storage for experiments in ``metadata.atp_ray.storage``.
+shared storage for experiments in ``metadata.atp_ray.storage`` (an NFS path that the setup
+commands mount on every node, or a bucket URI).
 """
 
 from __future__ import annotations
@@ -134,10 +135,13 @@ def atp_ray_problems(config: dict[str, Any]) -> list[str]:
 
     storage = str(config.get("metadata", {}).get("atp_ray", {}).get("storage", ""))
     scheme = {"aws": "s3://", "gcp": "gs://"}.get(config.get("provider", {}).get("type", ""), "")
-    if not (storage.startswith(scheme) and scheme) and not storage.startswith("/"):
+    mounted = any("mount -t" in c and f" {storage}" in c for c in config.get("setup_commands", []))
+    if storage.startswith("/") and not mounted:
+        problems.append(f"setup_commands: must mount the shared file system at {storage} on every node")
+    elif not storage.startswith("/") and not (scheme and storage.startswith(scheme)):
         problems.append(
-            f"metadata.atp_ray.storage: experiments live in shared storage, a {scheme or 's3:// or gs://'} URI "
-            f"or an NFS path mounted on every node; got {storage!r}"
+            "metadata.atp_ray.storage: experiments live in shared storage, an NFS path mounted on every node "
+            f"or a {scheme or 's3:// or gs://'} URI; got {storage!r}"
         )
     return problems
 

@@ -22,13 +22,9 @@ EXPECTED_PLACEHOLDERS = {
     "aws": {
         "available_node_types.head.node_config.ImageId",
         "available_node_types.gpu_worker.node_config.ImageId",
-        "metadata.atp_ray.storage",
+        "setup_commands[4]",  # the EFS file system to mount
     },
-    "gcp": {
-        "provider.project_id",
-        "available_node_types.gpu_worker.node_config.serviceAccounts[0].email",
-        "metadata.atp_ray.storage",
-    },
+    "gcp": {"provider.project_id", "setup_commands[4]"},  # the Filestore instance to mount
 }
 
 
@@ -58,7 +54,9 @@ def test_shipped_config_invariants(provider):
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][-1]
     assert not any("0.0.0.0" in c or "dashboard-port" in c for c in starts)
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert config["metadata"]["atp_ray"]["storage"].startswith({"aws": "s3://", "gcp": "gs://"}[provider])
+    storage = config["metadata"]["atp_ray"]["storage"]
+    assert storage.startswith("/") and "mount -t nfs" in config["setup_commands"][4]
+    assert config["setup_commands"][4].rstrip().endswith(f"sudo chown ubuntu {storage}")
     setup = config["setup_commands"]
     assert (
         setup.index("cd ~/atp-ray && ATP_RAY_VENV=~/atp-venv bash scripts/bootstrap.sh") >= 0
@@ -113,6 +111,8 @@ BREAKAGES = {
     "project not installed": (lambda c: c["setup_commands"].pop(1), "bootstrap.sh"),
     "ray not pinned": (lambda c: c["setup_commands"].pop(2), "must pin ray"),
     "no HF_HOME": (lambda c: c["setup_commands"].pop(3), "HF_HOME"),
+    "storage not mounted": (lambda c: c["setup_commands"].pop(4), "must mount the shared file system"),
+    "bucket of another cloud": (lambda c: c["metadata"]["atp_ray"].update(storage="gs://b/x"), "s3://"),
     "unknown field": (lambda c: c.update(dashboard_port=8265), "ray schema"),
     "bad node type field": (lambda c: c["available_node_types"]["head"].update(gpus=0), "ray schema"),
 }
@@ -147,8 +147,8 @@ def _filled(provider: str, tmp_path: Path) -> Path:
 
 def test_cloud_cluster_refuses_a_local_experiment_path(tmp_path):
     cluster = cl.CloudCluster.open(_filled("aws", tmp_path))
-    assert cluster.default_experiment_root() == "s3://my-value/atp-ray/experiments"
-    cluster.check_shared("s3://my-value/atp-ray/experiments/x")
+    assert cluster.default_experiment_root() == "/mnt/atp-ray/experiments"
+    cluster.check_shared("/mnt/atp-ray/experiments/x")
     with pytest.raises(ClusterError, match="local path, but the cluster has several nodes"):
         cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/home/me/runs/x")
     with pytest.raises(ClusterError, match="several nodes"):
@@ -157,26 +157,39 @@ def test_cloud_cluster_refuses_a_local_experiment_path(tmp_path):
 
 def test_experiment_names_resolve_under_the_storage(tmp_path):
     cluster = cl.CloudCluster.open(_filled("gcp", tmp_path))
-    assert cl._experiment_dir(cluster, "demo-1") == "gs://my-value/atp-ray/experiments/demo-1"
-    assert cl._experiment_dir(cluster, "gs://other/x") == "gs://other/x"
+    assert cl._experiment_dir(cluster, "demo-1") == "/mnt/atp-ray/experiments/demo-1"
+    assert cl._experiment_dir(cluster, "/mnt/atp-ray/experiments/x") == "/mnt/atp-ray/experiments/x"
 
 
 def test_job_commands_are_atp_ray_search_resume_report_export():
     c = cl.JobCommands()
-    assert c.search("search_spaces/demo.yaml", "s3://b/e", 8, ["search.metric=x"]) == [
+    assert c.search("search_spaces/demo.yaml", "/mnt/atp-ray/experiments/e", 8, ["search.metric=x"]) == [
         "atp-ray",
         "search",
         "--space",
         "search_spaces/demo.yaml",
         "--out",
-        "s3://b/e",
+        "/mnt/atp-ray/experiments/e",
         "--trials",
         "8",
         "search.metric=x",
     ]
-    assert c.resume("s3://b/e", True) == ["atp-ray", "resume", "s3://b/e", "--retry-failed"]
-    assert c.report("s3://b/e") == ["atp-ray", "report", "s3://b/e"]
-    assert c.export("s3://b/e", "t1", "/tmp/m") == ["atp-ray", "export", "s3://b/e", "--trial", "t1", "--out", "/tmp/m"]
+    assert c.resume("/mnt/atp-ray/experiments/e", True) == [
+        "atp-ray",
+        "resume",
+        "/mnt/atp-ray/experiments/e",
+        "--retry-failed",
+    ]
+    assert c.report("/mnt/atp-ray/experiments/e") == ["atp-ray", "report", "/mnt/atp-ray/experiments/e"]
+    assert c.export("/mnt/atp-ray/experiments/e", "t1", "/tmp/m") == [
+        "atp-ray",
+        "export",
+        "/mnt/atp-ray/experiments/e",
+        "--trial",
+        "t1",
+        "--out",
+        "/tmp/m",
+    ]
 
 
 def test_missing_prerequisites_fail_early(tmp_path, monkeypatch):
@@ -216,4 +229,4 @@ def test_submit_to_a_cloud_cluster_that_is_not_up_fails_clearly(tmp_path):
     """The real `ray dashboard` port-forward is tried and gives up (no cloud here); about 10 s."""
     cluster = cl.CloudCluster.open(_filled("aws", tmp_path))
     with pytest.raises(ClusterError, match="cannot reach the head's dashboard"):
-        cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="s3://my-value/atp-ray/experiments/x")
+        cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/mnt/atp-ray/experiments/x")
