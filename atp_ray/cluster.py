@@ -37,6 +37,8 @@ from typing import Any
 from atp_ray.cluster_config import DRIVER_RESOURCE, DRIVER_RESOURCE_UNITS, check_cluster_config, load_cluster_config
 from atp_ray.errors import ClusterError
 
+# Passed from this shell to the job when set.
+FORWARDED_ENV = ("HF_TOKEN",)
 # Never uploaded with a job: virtual environments, run outputs, git history.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "models", ".cache", "__pycache__"]
 # Ray keeps unix sockets under a node's temp dir; their paths must stay under 107 bytes.
@@ -428,7 +430,11 @@ def submit_job(cluster: Cluster, command: Sequence[str], *, job_name: str, wait:
     """
     require_job_api()
     job_id = f"{job_name}-{_stamp()}"
-    runtime_env = {"working_dir": str(project_root()), "excludes": WORKING_DIR_EXCLUDES}
+    runtime_env: dict[str, Any] = {"working_dir": str(project_root()), "excludes": WORKING_DIR_EXCLUDES}
+    # Gated hub models (Llama) need the user's Hugging Face token on the nodes that load them.
+    forwarded = {var: os.environ[var] for var in FORWARDED_ENV if var in os.environ}
+    if forwarded:
+        runtime_env["env_vars"] = forwarded
     with cluster.job_api() as address:
         argv = [ray_cli(), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait"]
         argv += ["--runtime-env-json", json.dumps(runtime_env)]

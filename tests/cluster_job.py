@@ -42,7 +42,8 @@ def run_trials(out: Path) -> None:
     driver_node = ray.get_runtime_context().get_node_id()
     alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     job = ray.get_runtime_context().get_job_id()
-    _write(out / "drivers" / f"{job}.json", {"driver_node": driver_node, "nodes": alive})
+    driver = {"driver_node": driver_node, "nodes": alive, "hf_token": os.environ.get("HF_TOKEN")}
+    _write(out / "drivers" / f"{job}.json", driver)
     todo = [i for i in range(spec["trials"]) if not (out / "trials" / f"trial_{i}.json").exists()]
     pending = [trial.remote(i, spec["sleep_s"]) for i in todo]
     while pending:
