@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from atp_ray.cluster import add_cluster_parser
 from atp_ray.errors import ATPRayError
 
 log = logging.getLogger("atp_ray")
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the report as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
     _add_search_commands(commands)
+    add_cluster_parser(commands)
     return parser
 
 

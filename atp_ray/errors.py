@@ -32,3 +32,7 @@ class CompressionError(ATPRayError):
 
 class ModelNotFoundError(ATPRayError):
     """A model path names no local model folder and no model the hub (or its cache) can give."""
+
+
+class ClusterError(ATPRayError):
+    """A cluster verb cannot run: a prerequisite is missing, a config breaks a rule, or a job failed."""
