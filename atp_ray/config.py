@@ -231,6 +231,17 @@ class ATPSettings(_Section):
         1, gt=0, description="kept MLP channels per layer rounded to a multiple of this when the mask is frozen"
     )
 
+    @model_validator(mode="after")
+    def _ramp_after_control(self) -> ATPSettings:
+        # The lasso ramp drives the LoRA of cut units to zero: while the mask still moves,
+        # it would push on units that may come back.
+        if self.control_fraction + self.lasso_ramp_fraction > 1 + 1e-9:
+            raise ValueError(
+                "control_fraction + lasso_ramp_fraction must be at most 1 (the lasso ramp starts after "
+                f"the mask freezes), got {self.control_fraction} + {self.lasso_ramp_fraction}"
+            )
+        return self
+
 
 # Importance criteria of the two-step baseline (atp_ray.importance.IMPORTANCE; a test keeps them equal).
 IMPORTANCE_CRITERIA = ("magnitude", "taylor")
@@ -246,17 +257,6 @@ class BaselineSettings(_Section):
     calibration_batches: int = Field(
         8, gt=0, description="calibration batches whose mean loss gives taylor's gradients"
     )
-
-    @model_validator(mode="after")
-    def _ramp_after_control(self) -> ATPSettings:
-        # The lasso ramp drives the LoRA of cut units to zero: while the mask still moves,
-        # it would push on units that may come back.
-        if self.control_fraction + self.lasso_ramp_fraction > 1 + 1e-9:
-            raise ValueError(
-                "control_fraction + lasso_ramp_fraction must be at most 1 (the lasso ramp starts after "
-                f"the mask freezes), got {self.control_fraction} + {self.lasso_ramp_fraction}"
-            )
-        return self
 
 
 class TrainConfig(_Section):
