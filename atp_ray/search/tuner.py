@@ -160,11 +160,19 @@ class StudySearch(OptunaSearch):
             return
         if trial_id not in self._ot_trials:
             return
+        if self._told_before_restore(self._ot_trials[trial_id]):
+            self._completed_trials.add(trial_id)
+            return
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL if error else TrialState.PRUNED
         if state != TrialState.COMPLETE and result and result.get("final") == 1.0:
             state = TrialState.FAIL  # final, yet not finite: diverged
         self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         self._completed_trials.add(trial_id)
+
+    def _told_before_restore(self, ot_trial: Any) -> bool:
+        # The journal is written at once, the searcher's state only with Tune's experiment
+        # checkpoint: a driver killed in between restores a trial the study already closed.
+        return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
