@@ -2,6 +2,7 @@
 
     python -m bench.sparsity_schedule [--quick] [--targets 0.2 0.4 0.6 0.7] [--steps 150]
                                       [--out runs/sparsity_schedule] [--set atp.key=value ...]
+                                      [--config configs/embedded.yaml]
 
 For each target, one ATP run of ``configs/embedded.yaml`` (``--set`` overrides, e.g.
 ``--set atp.lagrangian_lr=0 --set atp.target_anneal_fraction=0`` for the old fixed-weight
@@ -44,12 +45,12 @@ def freeze_losses(rows: list[dict[str, Any]], freeze_step: int) -> tuple[float, 
     return statistics.fmean(before), statistics.fmean(after) if after else float("nan")
 
 
-def run_target(target: float, steps: int, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run_target(config_path: Path, target: float, steps: int, out: Path, overrides: list[str]) -> dict[str, Any]:
     """One ATP run at ``target``; its schedule numbers."""
     run_dir = out / f"sparsity-{target:g}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(
-        CONFIG,
+        config_path,
         [f"atp.sparsity={target}", f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=100000"]
         + overrides,
     )
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.7])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=Path("runs/sparsity_schedule"))
+    parser.add_argument("--config", type=Path, default=CONFIG, help="run config (default: the embedded one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if args.quick:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for target in args.targets:
-        results.append(run_target(target, args.steps, args.out, args.overrides))
+        results.append(run_target(args.config, target, args.steps, args.out, args.overrides))
         # Rewritten after every target, so a long run that is cut short keeps what finished.
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         (args.out / "table.md").write_text(table(results) + "\n")
