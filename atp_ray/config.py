@@ -240,7 +240,7 @@ class ATPSettings(_Section):
         2.0,
         ge=0,
         description="ascent rate of the Lagrange multipliers on the budget, l1*(s-t) + l2*(s-t)^2, that "
-        "grow until the noise-free sparsity meets the target t (0 = the fixed ratio weight alone)",
+        "grow until the sampled sparsity s meets the target t (0 = the fixed ratio weight alone)",
     )
     generator_lr: float = Field(2e-3, ge=0, description="AdamW learning rate of the generator (0 freezes it)")
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
