@@ -333,6 +333,7 @@ class ATPRecipe:
             values = [m[key] for m in window if key in m]
             row[key] = sum(values) / len(values)
         row["sparsity"] = window[-1]["sparsity"]  # achieved by the latest hard mask, not an average
+        row["noise_free_sparsity"] = window[-1]["noise_free_sparsity"]  # likewise, the latest
         row["elapsed_s"] = round(elapsed, 2)
         with open(self.folder.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
