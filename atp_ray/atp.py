@@ -1,11 +1,13 @@
 """One ATP run on one process: setup -> train -> save, read top to bottom.
 
 Each step of the control phase first trains the generator (LLM and LoRA frozen) on a
-calibration batch against task loss + ratio loss, then samples a hard mask and trains
+calibration batch against task loss + ratio loss + a Lagrangian budget term (towards a
+sparsity target annealed from 0 to the final one), then samples a hard mask and trains
 LoRA on a training batch against task loss + group lasso. Once the generator's
-noise-free mask has held the target sparsity for a while, or the control phase ends,
-the mask is frozen and LoRA training continues under it, with the lasso weight raised
-over the final steps so the LoRA weights of cut structures reach zero.
+noise-free mask has held the target sparsity for a while, or the control phase ends
+(extended, bounded, while the target is missed), the mask is frozen, at most the freeze
+tolerance from where the generator stands, and LoRA training continues under it, with
+the lasso weight raised over the final steps so the LoRA weights of cut structures reach zero.
 
 The run folder is resumable: a killed run started again on the same folder continues
 from its last checkpoint with the same step count, data order and random state.
@@ -42,6 +44,7 @@ from atp_ray.process import CheckpointStore, FolderCheckpoints, ProcessContext
 from atp_ray.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
 from atp_ray.strategy import strategy_from_config, use_bf16
 from atp_ray.structures import Masks, PruningSpace, UnitGroup
+from atp_ray.widths import round_mlp_channels
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class ATPRecipe:
         self.device = context.device
         self.target_kept = 1.0 - config.atp.sparsity
         self.control_steps = max(1, math.ceil(config.train.steps * config.atp.control_fraction))
+        extension = math.ceil(config.train.steps * config.atp.control_extension_fraction)
+        self.control_cap = min(config.train.steps, self.control_steps + extension)
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -143,6 +148,10 @@ class ATPRecipe:
         self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = fixed_masks
         self.freeze_step: int | None = None if fixed_masks is None else 0
         self.steps_within_tolerance = 0
+        # Lagrange multipliers (l1, l2) of the budget constraint, raised by gradient ascent.
+        self.multipliers = torch.zeros(2)
+        self.noise_free_sparsity = 0.0
+        self.sparsity_at_control_end: float | None = None if fixed_masks is None else self.space.sparsity(fixed_masks)
         self._resume()
         if self.context.is_main:
             _truncate_metrics(self.folder.metrics, self.step)
@@ -189,11 +198,16 @@ class ATPRecipe:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.step = state["step"]
         self.steps_within_tolerance = state["steps_within_tolerance"]
+        self.multipliers = state["multipliers"].clone()
+        self.sparsity_at_control_end = (
+            state["sparsity_at_control_end"] if state["sparsity_at_control_end"] >= 0 else None
+        )
         self.freeze_step = state["freeze_step"] if state["freeze_step"] >= 0 else None
         if state["frozen_masks"]:
             self.frozen_masks = {
                 g: m.to(self.device) for g, m in self.space.masks_from_dict(state["frozen_masks"]).items()
             }
+            self.noise_free_sparsity = self.space.sparsity(self.frozen_masks)
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -220,6 +234,7 @@ class ATPRecipe:
                 self.on_step(self.step, masks, metrics)
             if self.frozen_masks is None:
                 self._maybe_freeze()
+            metrics["noise_free_sparsity"] = self.noise_free_sparsity
             window.append(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
@@ -240,8 +255,14 @@ class ATPRecipe:
         with self.autocast(), masked(self.model, self.space, masks):
             task_loss = self.model(**batch).loss
         kept = self.space.kept_fraction(masks)
-        ratio = ratio_loss(kept, self.target_kept)
-        loss = task_loss.float() + self.config.atp.ratio_weight * ratio
+        target = self._control_target()
+        ratio = ratio_loss(kept, 1.0 - target)
+        # The fixed-weight ratio loss alone settles where the task loss pushes back as hard as it
+        # pulls (on a real model, well short of a high target); the multipliers keep growing
+        # while the budget is missed, so the constraint wins in the end (CoFi, Sheared-LLaMA).
+        gap = (1.0 - kept) - target
+        l1, l2 = self.multipliers.tolist()
+        loss = task_loss.float() + self.config.atp.ratio_weight * ratio + l1 * gap + l2 * gap.pow(2)
         # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
         # it and must not see it toggled) and gets no .grad from this pass.
         params = list(self.generator.parameters())
@@ -252,7 +273,32 @@ class ATPRecipe:
         torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
         self.generator_optimizer.step()
         self.generator_optimizer.zero_grad(set_to_none=True)
-        return {"generator_loss": task_loss.item(), "ratio_loss": ratio.item()}
+        # Ascent on the multipliers along the sampled gap, the one the ratio loss sees too. Driving
+        # them by the noise-free gap instead made the two terms pull apart on a random tiny model
+        # (sampled 0.45, noise-free 0.35 for a 0.4 target). Identical on every rank.
+        step_gap = gap.item()
+        self.multipliers += self.config.atp.lagrangian_lr * torch.tensor([step_gap, step_gap**2])
+        return {
+            "generator_loss": task_loss.item(),
+            "ratio_loss": ratio.item(),
+            "control_target": target,
+            "lagrange_l1": l1,
+            "lagrange_l2": l2,
+        }
+
+    def _control_target(self) -> float:
+        """The generator's sparsity target at this step: annealed linearly from 0 to the final one.
+
+        Like gradual magnitude pruning, the shape then changes a little at a time while
+        LoRA adapts, instead of the generator chasing the full budget from step one.
+        """
+        atp = self.config.atp
+        anneal_steps = atp.target_anneal_fraction * self.control_steps
+        if anneal_steps <= 0:
+            return atp.sparsity
+        # Linear, not the cubic of gradual magnitude pruning: front-loading the cut made the
+        # generator overshoot and oscillate around the target on the tiny trained model.
+        return atp.sparsity * min(1.0, (self.step + 1) / anneal_steps)
 
     def _sample_masks(self) -> dict[UnitGroup, torch.Tensor]:
         """A noisy hard mask from the generator for one LoRA step, the same on every rank."""
@@ -294,21 +340,45 @@ class ATPRecipe:
         return metrics
 
     def _maybe_freeze(self) -> None:
-        """Freeze the mask at the end of control, or early once the generator holds the target."""
-        target = self.config.atp.sparsity
-        gap = abs(self.space.sparsity(self.generator.deterministic_masks()) - target)
-        self.steps_within_tolerance = self.steps_within_tolerance + 1 if gap <= self.config.atp.freeze_tolerance else 0
-        if self.steps_within_tolerance >= self.config.atp.freeze_patience or self.step >= self.control_steps:
-            masks = self.generator.masks_at_sparsity(target)
+        """Freeze the mask at the end of control, or early once the generator holds the target.
+
+        The freeze moves the noise-free mask at most ``freeze_tolerance`` towards the target:
+        a generator that fell short is reported (log warning, summary.json), never rescued by
+        cutting many units in one step that LoRA has not adapted to.
+        """
+        atp = self.config.atp
+        target = atp.sparsity
+        self.noise_free_sparsity = self.space.sparsity(self.generator.deterministic_masks())
+        gap = abs(self.noise_free_sparsity - target)
+        self.steps_within_tolerance = self.steps_within_tolerance + 1 if gap <= atp.freeze_tolerance else 0
+        held = self.steps_within_tolerance >= atp.freeze_patience
+        # Past the end of control, freeze as soon as the target is met, up to a bounded extension.
+        ended = self.step >= self.control_steps and (gap <= atp.freeze_tolerance or self.step >= self.control_cap)
+        if held or ended:
+            self.sparsity_at_control_end = self.noise_free_sparsity
+            if gap > atp.freeze_tolerance:
+                log.warning(
+                    "control ended at step %d with noise-free sparsity %.4f, %.4f from the target %.4f "
+                    "(tolerance %.4f): freezing at most the tolerance away, the run misses its target",
+                    self.step, self.noise_free_sparsity, gap, target, atp.freeze_tolerance,
+                )
+            masks = self.generator.masks_at_sparsity(self._reachable_sparsity())
+            masks = round_mlp_channels(self.space, masks, atp.mlp_channel_multiple, self.generator.logits())
             self.frozen_masks = self.context.broadcast_masks(masks)
             self.freeze_step = self.step
-            log.info("mask frozen at step %d: sparsity %.4f", self.step, self.space.sparsity(masks))
+            self.noise_free_sparsity = self.space.sparsity(masks)
+            log.info("mask frozen at step %d: sparsity %.4f", self.step, self.noise_free_sparsity)
 
     def _current_masks(self) -> Masks:
-        """The mask the run would end with if it froze now: the frozen one, else the target cut."""
+        """The mask the run would end with if it froze now: the frozen one, else the freeze's cut."""
         if self.frozen_masks is not None:
             return self.frozen_masks
-        return self.context.broadcast_masks(self.generator.masks_at_sparsity(self.config.atp.sparsity))
+        return self.context.broadcast_masks(self.generator.masks_at_sparsity(self._reachable_sparsity()))
+
+    def _reachable_sparsity(self) -> float:
+        """The target, or as near to it as a freeze may move the noise-free mask (freeze_tolerance)."""
+        tolerance, noise_free = self.config.atp.freeze_tolerance, self.noise_free_sparsity
+        return min(max(self.config.atp.sparsity, noise_free - tolerance), noise_free + tolerance)
 
     def _params_kept(self, masks: Masks) -> float:
         """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
@@ -353,6 +423,7 @@ class ATPRecipe:
             values = [m[key] for m in window if key in m]
             row[key] = sum(values) / len(values)
         row["sparsity"] = window[-1]["sparsity"]  # achieved by the latest hard mask, not an average
+        row["noise_free_sparsity"] = window[-1]["noise_free_sparsity"]  # likewise, the latest
         row["elapsed_s"] = round(elapsed, 2)
         with open(self.folder.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -368,6 +439,8 @@ class ATPRecipe:
                 "generator": self.generator.state_dict(),
                 "generator_optimizer": self.generator_optimizer.state_dict(),
                 "steps_within_tolerance": self.steps_within_tolerance,
+                "multipliers": self.multipliers.clone(),
+                "sparsity_at_control_end": -1.0 if self.sparsity_at_control_end is None else self.sparsity_at_control_end,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,
                 "frozen_masks": frozen,
                 "rng": torch.get_rng_state(),
@@ -387,6 +460,9 @@ class ATPRecipe:
             "kept_prunable_params": int(self.space.kept_params(masks)),
             "prunable_params": self.space.prunable_params,
             "freeze_step": self.freeze_step,
+            "sparsity_at_control_end": self.sparsity_at_control_end,
+            "reached_target": abs(self.sparsity_at_control_end - self.config.atp.sparsity)
+            <= self.config.atp.freeze_tolerance,
             "steps": self.step,
             **held_out,
         }

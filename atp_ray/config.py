@@ -223,7 +223,27 @@ class ATPSettings(_Section):
         0.01, ge=0, description="freeze early once |achieved - target sparsity| stays within this"
     )
     freeze_patience: int = Field(20, gt=0, description="generator steps the tolerance must hold to freeze early")
-    generator_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the generator")
+    control_extension_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="share of steps the control phase may run past its end while the noise-free mask "
+        "misses the target by more than freeze_tolerance",
+    )
+    target_anneal_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the control phase over which the generator's sparsity target rises linearly "
+        "from 0 to the final one (0 = the final target from the first step)",
+    )
+    lagrangian_lr: float = Field(
+        2.0,
+        ge=0,
+        description="ascent rate of the Lagrange multipliers on the budget, l1*(s-t) + l2*(s-t)^2, that "
+        "grow until the sampled sparsity s meets the target t (0 = the fixed ratio weight alone)",
+    )
+    generator_lr: float = Field(2e-3, ge=0, description="AdamW learning rate of the generator (0 freezes it)")
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")
