@@ -106,6 +106,7 @@ class ATPRecipe:
         self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = None
         self.freeze_step: int | None = None
         self.steps_within_tolerance = 0
+        self.log_window: list[dict[str, float]] = []  # per-step metrics since the last metrics row
         self._resume()
         if self.context.is_main:
             _truncate_metrics(self.folder.metrics, self.step)
@@ -135,6 +136,8 @@ class ATPRecipe:
         self.lora_scheduler.load_state_dict(state["lora_scheduler"])
         self.step = state["step"]
         self.steps_within_tolerance = state["steps_within_tolerance"]
+        # A checkpoint between two rows carries the steps already taken toward the next row.
+        self.log_window = state.get("log_window", [])
         self.freeze_step = state["freeze_step"] if state["freeze_step"] >= 0 else None
         if state["frozen_masks"]:
             self.frozen_masks = {
@@ -149,7 +152,6 @@ class ATPRecipe:
         progress = tqdm(
             total=cfg.steps, initial=self.step, desc="ATP", disable=not self.context.is_main, dynamic_ncols=True
         )
-        window: list[dict[str, float]] = []
         started = time.monotonic()
         while self.step < cfg.steps:
             metrics: dict[str, float] = {}
@@ -160,12 +162,12 @@ class ATPRecipe:
             self.step += 1
             if self.frozen_masks is None:
                 self._maybe_freeze()
-            window.append(metrics)
+            self.log_window.append(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(window, time.monotonic() - started)
-                window = []
+                self._log(self.log_window, time.monotonic() - started)
+                self.log_window = []
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self._checkpoint()
         progress.close()
@@ -287,6 +289,7 @@ class ATPRecipe:
                 "steps_within_tolerance": self.steps_within_tolerance,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,
                 "frozen_masks": frozen,
+                "log_window": self.log_window,
                 "rng": torch.get_rng_state(),
             }
         )
