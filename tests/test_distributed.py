@@ -100,4 +100,5 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir
     for name in ("adapter/adapter_model.safetensors", "generator.safetensors"):
         mine, theirs = load_file(one.root / name), load_file(two.root / name)
         for key, tensor in mine.items():
-            torch.testing.assert_close(theirs[key], tensor, rtol=1e-3, atol=1e-5)  # Adam amplifies rounding
+            # Rounding differs (sums of two halves vs one sum) and Adam amplifies it on single weights.
+            assert (theirs[key] - tensor).norm() <= 1e-4 * tensor.norm(), (name, key)
