@@ -179,12 +179,12 @@ def test_generator_learns_the_target_and_freezes_early(finished_run: FinishedRun
     target, tolerance = raw["atp"]["sparsity"], load_config(raw).atp.freeze_tolerance
     control_end = math.ceil(raw["train"]["steps"] * load_config(raw).atp.control_fraction)
 
-    def at_freeze(folder: RunFolder, summary: dict) -> tuple[float, list[float]]:
+    def at_freeze(folder: RunFolder) -> tuple[float, list[float]]:
         # The generator stops training at the freeze, so its saved weights are those of the freeze.
         gap = abs(noise_free_sparsity(raw, load_file(folder.generator)) - target)
         return gap, [r["ratio_loss"] for r in _rows(folder) if r["phase"] == "control"]
 
-    learned_gap, learned_ratio = at_freeze(finished_run.folder, finished_run.summary)
+    learned_gap, learned_ratio = at_freeze(finished_run.folder)
     assert finished_run.summary["freeze_step"] < control_end
     assert learned_gap <= tolerance
     assert learned_ratio[-1] < 0.6 * learned_ratio[0]
@@ -194,7 +194,7 @@ def test_generator_learns_the_target_and_freezes_early(finished_run: FinishedRun
     frozen_raw = {**raw, "atp": {**raw["atp"], "generator_lr": 1e-9}}
     folder = RunFolder(tmp_path / "still")
     summary = run_atp(load_config(frozen_raw), folder.root)
-    still_gap, still_ratio = at_freeze(folder, summary)
+    still_gap, still_ratio = at_freeze(folder)
     assert summary["freeze_step"] == control_end
     assert still_gap > 0.3 and still_gap > 10 * max(learned_gap, tolerance)
     assert min(still_ratio) > 2 * learned_ratio[-1]
