@@ -152,6 +152,7 @@ class ATPRecipe:
         self.multipliers = torch.zeros(2)
         self.noise_free_sparsity = 0.0
         self.sparsity_at_control_end: float | None = None if fixed_masks is None else self.space.sparsity(fixed_masks)
+        self.log_window: list[dict[str, float]] = []  # per-step metrics since the last metrics row
         self._resume()
         if self.context.is_main:
             _truncate_metrics(self.folder.metrics, self.step)
@@ -202,6 +203,8 @@ class ATPRecipe:
         self.sparsity_at_control_end = (
             state["sparsity_at_control_end"] if state["sparsity_at_control_end"] >= 0 else None
         )
+        # A checkpoint between two rows carries the steps already taken toward the next row.
+        self.log_window = state.get("log_window", [])
         self.freeze_step = state["freeze_step"] if state["freeze_step"] >= 0 else None
         if state["frozen_masks"]:
             self.frozen_masks = {
@@ -219,7 +222,6 @@ class ATPRecipe:
         progress = tqdm(
             total=cfg.steps, initial=self.step, desc="ATP", disable=not self.context.is_main, dynamic_ncols=True
         )
-        window: list[dict[str, float]] = []
         started = time.monotonic()
         while self.step < cfg.steps:
             metrics: dict[str, float] = {}
@@ -235,12 +237,12 @@ class ATPRecipe:
             if self.frozen_masks is None:
                 self._maybe_freeze()
             metrics["noise_free_sparsity"] = self.noise_free_sparsity
-            window.append(metrics)
+            self.log_window.append(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(window, time.monotonic() - started)
-                window = []
+                self._log(self.log_window, time.monotonic() - started)
+                self.log_window = []
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self._checkpoint()
         progress.close()
@@ -443,6 +445,7 @@ class ATPRecipe:
                 "sparsity_at_control_end": -1.0 if self.sparsity_at_control_end is None else self.sparsity_at_control_end,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,
                 "frozen_masks": frozen,
+                "log_window": self.log_window,
                 "rng": torch.get_rng_state(),
             }
             if self.device.type == "cuda":

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from atp_ray.atp import run_atp
+from atp_ray.config import load_config
+from atp_ray.run_folder import RunFolder
 
 TINY = dict(
     vocab_size=64,
@@ -158,3 +163,38 @@ def ray_local():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+def reference_run_config(model_dir) -> dict:
+    """The tiny run config whose generator holds the target long enough to freeze early.
+
+    With this seed the generator's noise-free mask reaches 0.40 sparsity at step 20 and
+    holds it, so the mask freezes at step 22, inside the 30-step control phase; checkpoints
+    at steps 10 (control) and 30 (frozen) sit on both sides of the freeze.
+    """
+    return tiny_run_config(model_dir, atp={"control_fraction": 0.75, "freeze_patience": 3})
+
+
+@dataclass
+class FinishedRun:
+    raw: dict
+    folder: RunFolder
+    summary: dict
+    checkpoints: dict[int, dict]  # step -> the contents of checkpoint.pt as the run wrote it
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, tmp_path_factory) -> FinishedRun:
+    """One uninterrupted ATP run of ``reference_run_config``, shared by a session; its checkpoints are kept."""
+    raw = reference_run_config(tiny_model_dir)
+    folder = RunFolder(tmp_path_factory.mktemp("reference") / "run")
+    checkpoints: dict[int, dict] = {}
+    save = RunFolder.save_checkpoint
+
+    def save_and_keep(self, state):
+        save(self, state)
+        loaded = self.load_checkpoint()
+        checkpoints[loaded["step"]] = loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunFolder, "save_checkpoint", save_and_keep)
+        summary = run_atp(load_config(raw), folder.root)
+    return FinishedRun(raw, folder, summary, checkpoints)

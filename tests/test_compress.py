@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY, TINY_MODELS, make_tiny_model, make_tiny_tokenizer, random_masks
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -28,7 +28,7 @@ from atp_ray.compress import (
 from atp_ray.config import ALL_PROJECTIONS
 from atp_ray.errors import CompressionError
 from atp_ray.masking import masked
-from atp_ray.modeling import load_run_model
+from atp_ray.modeling import load_model, load_run_model
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace, UnitKind
 from atp_ray.surgery import HeadlessAttention
@@ -314,6 +314,30 @@ def test_cli_compress_reports_errors(tmp_path, capsys):
     (tmp_path / "empty_run").mkdir()
     assert main(["compress", str(tmp_path / "empty_run"), "--out", str(tmp_path / "x")]) == 2
     assert "no finished ATP run" in capsys.readouterr().err
+
+
+def test_trained_run_merges_its_adapter_and_compresses_to_the_masked_adapted_model(finished_run, tmp_path):
+    """A real ATP run: its adapter is not zero, the merged weights differ from the base, and the
+    compressed logits equal those of the masked model with the adapter attached (not merged),
+    a comparison that a skipped merge would fail by far more than its tolerance."""
+    run = finished_run.folder
+    adapter = load_file(run.adapter / "adapter_model.safetensors")
+    assert max(float(w.abs().max()) for name, w in adapter.items() if "lora_B" in name) > 0
+    base_path = finished_run.raw["model"]["path"]
+    merged, space, masks = load_run_model(run.root)
+    base = load_model(base_path)
+    changed = [name for name, w in base.state_dict().items() if not torch.equal(w, merged.state_dict()[name])]
+    assert changed and all("proj" in name for name in changed)
+
+    out = tmp_path / "compressed"
+    assert main(["compress", str(run.root), "--out", str(out)]) == 0
+    adapted = PeftModel.from_pretrained(load_model(base_path), run.adapter).eval()
+    ids = input_ids()
+    expected = masked_logits(adapted, space, masks, ids)
+    with torch.no_grad():
+        assert_close_logits(load_compressed(out)(ids).logits, expected)
+    unmerged = masked_logits(base, space, masks, ids)
+    assert (unmerged - expected).abs().max() > 100 * 1e-4 * expected.abs().max()
 
 
 # -- the real embedded model ------------------------------------------------------------------

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from atp_ray.config import ALL_PROJECTIONS
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import decoder_layers
-from atp_ray.structures import PruningSpace
+from atp_ray.structures import PruningSpace, UnitKind
 
 
 def test_ratio_loss_is_log_ratio_and_symmetric():
@@ -79,5 +79,37 @@ def test_group_lasso_value_is_the_sum_of_group_norms():
         attn.v_proj.lora_B["default"].weight[:dim],
         attn.o_proj.lora_A["default"].weight[:, :dim],
     ]
+    expected = math.sqrt(sum(float(p.pow(2).sum()) for p in parts))
+    assert float(lora_group_lasso(model, space, masks)) == pytest.approx(expected, rel=1e-5)
+
+
+def _head_rows(weight, heads, dim, columns=False):
+    """The rows (or columns) of a projection that belong to the given query heads."""
+    index = torch.cat([torch.arange(h * dim, (h + 1) * dim) for h in heads])
+    return weight[:, index] if columns else weight[index]
+
+
+@pytest.mark.parametrize(
+    "kind, unit, heads, kv",
+    [
+        (UnitKind.QUERY_SLOT, 1, [1, 3], False),  # slot 1 of both KV groups: query heads 1 and 3
+        (UnitKind.KV_GROUP, 1, [2, 3], True),  # KV group 1: its K/V head and query heads 2 and 3
+    ],
+)
+def test_group_lasso_value_under_gqa(kind, unit, heads, kv):
+    """GQA (4 query heads, 2 KV heads): query head h = group * 2 + slot, the order repeat_kv uses."""
+    model, space = _lora_model("llama-gqa")
+    assert (space.num_heads, space.num_kv_heads) == (4, 2)
+    masks = space.full_masks()
+    masks[space.group(0, kind)][unit] = 0.0
+    attn = decoder_layers(model)[0].self_attn
+    dim = space.head_dim
+    parts = [
+        _head_rows(attn.q_proj.lora_B["default"].weight, heads, dim),
+        _head_rows(attn.o_proj.lora_A["default"].weight, heads, dim, columns=True),
+    ]
+    if kv:
+        parts += [_head_rows(attn.k_proj.lora_B["default"].weight, [unit], dim)]
+        parts += [_head_rows(attn.v_proj.lora_B["default"].weight, [unit], dim)]
     expected = math.sqrt(sum(float(p.pow(2).sum()) for p in parts))
     assert float(lora_group_lasso(model, space, masks)) == pytest.approx(expected, rel=1e-5)
