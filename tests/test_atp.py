@@ -171,10 +171,10 @@ def test_finished_run_folder_is_not_overwritten(tiny_model_dir, tmp_path):
 
 # -- the generator ----------------------------------------------------------------------------
 def test_generator_learns_the_target_and_freezes_early(finished_run: FinishedRun, tmp_path):
-    """The frozen mask meets the budget by construction (bisection), so look at the generator itself:
-    its ratio loss falls, its noise-free mask reaches the target and holds it, and the mask
-    freezes before control ends. A generator that does not learn (learning rate 1e-9) freezes
-    at the end of control with its noise-free mask far from the target."""
+    """Look at the generator itself: its ratio loss falls, its noise-free mask reaches the target
+    and holds it, and the mask freezes before control ends. A generator that does not learn
+    (learning rate 1e-9) freezes only after control and its extension, with its noise-free mask
+    far from the target, and its summary says it missed."""
     raw = finished_run.raw
     target, tolerance = raw["atp"]["sparsity"], load_config(raw).atp.freeze_tolerance
     control_end = math.ceil(raw["train"]["steps"] * load_config(raw).atp.control_fraction)
@@ -195,10 +195,13 @@ def test_generator_learns_the_target_and_freezes_early(finished_run: FinishedRun
     folder = RunFolder(tmp_path / "still")
     summary = run_atp(load_config(frozen_raw), folder.root)
     still_gap, still_ratio = at_freeze(folder)
-    assert summary["freeze_step"] == control_end
+    # Control runs to its end and its bounded extension, then the freeze may move the mask by
+    # the tolerance only: the run ends far from its target and says so.
+    assert summary["freeze_step"] > control_end
     assert still_gap > 0.3 and still_gap > 10 * max(learned_gap, tolerance)
     assert min(still_ratio) > 2 * learned_ratio[-1]
-    assert summary["sparsity"] == pytest.approx(finished_run.summary["sparsity"], abs=0.03)  # why sparsity proves nothing
+    assert summary["reached_target"] is False and finished_run.summary["reached_target"] is True
+    assert abs(summary["sparsity"] - summary["sparsity_at_control_end"]) <= tolerance + 0.03  # one unit's worth
 
 
 # -- schedules and logging --------------------------------------------------------------------
@@ -241,8 +244,9 @@ def test_lr_warmup_cosine_lasso_ramp_and_log_windows(tiny_model_dir, tmp_path, m
     assert [r["step"] for r in windowed] == [4, 8, 10]
     for row, (first, last) in zip(windowed, [(1, 4), (5, 8), (9, 10)]):
         window = per_step[first - 1 : last]
-        assert row["phase"] == window[-1]["phase"] and row["sparsity"] == window[-1]["sparsity"]
-        for key in set(row) - {"step", "phase", "sparsity", "elapsed_s"}:
+        latest = ("phase", "sparsity", "noise_free_sparsity")  # the window's last value, not a mean
+        assert all(row[key] == window[-1][key] for key in latest)
+        for key in set(row) - {"step", "elapsed_s", *latest}:
             values = [r[key] for r in window if key in r]
             assert row[key] == pytest.approx(sum(values) / len(values), rel=1e-6), (row["step"], key)
 

@@ -99,8 +99,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir
     assert summary == pytest.approx(ranks[0]["summary"], rel=1e-5)
     # Rounding differs (two half sums vs one sum). Adam turns a gradient that is pure rounding
     # noise (the generator attention's key bias, which softmax ignores) into lr-sized steps,
-    # so the generator gets a looser bound than the adapter.
-    for name, bound in (("adapter/adapter_model.safetensors", 1e-4), ("generator.safetensors", 2e-2)):
-        mine, theirs = load_file(one.root / name), load_file(two.root / name)
-        for key, tensor in mine.items():
-            assert (theirs[key] - tensor).norm() <= bound * tensor.norm(), (name, key)
+    # so the generator is compared as one vector, with a looser bound than the adapter's tensors.
+    mine, theirs = load_file(one.root / "adapter/adapter_model.safetensors"), load_file(two.root / "adapter/adapter_model.safetensors")
+    for key, tensor in mine.items():
+        assert (theirs[key] - tensor).norm() <= 1e-4 * tensor.norm(), key
+    mine, theirs = load_file(one.root / "generator.safetensors"), load_file(two.root / "generator.safetensors")
+    flat = lambda weights: torch.cat([weights[k].flatten() for k in sorted(weights)])  # noqa: E731
+    assert (flat(theirs) - flat(mine)).norm() <= 1e-2 * flat(mine).norm()
