@@ -225,12 +225,18 @@ class Zero3(DeepSpeedZero):
     stage = 3
 
     def build_model(self, load_base: Callable[[], nn.Module], lora: LoraConfig) -> nn.Module:
-        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         _init_deepspeed_comm()  # zero.Init partitions over the process group while loading
-        # Held while loading: transformers sees ZeRO-3 and builds each layer under zero.Init.
-        self._hf_config = HfDeepSpeedConfig(self.ds_config)
-        model = get_peft_model(load_base(), lora)
+        # Held while loading only: transformers then builds each layer under zero.Init. Held
+        # longer, every later from_pretrained in this process (compressing the finished run,
+        # say) would load partitioned, empty weights.
+        hf_config = HfDeepSpeedConfig(self.ds_config)
+        try:
+            model = get_peft_model(load_base(), lora)
+        finally:
+            del hf_config
+            unset_hf_deepspeed_config()
         largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
         zero = self.ds_config["zero_optimization"]
         if zero.get("stage3_param_persistence_threshold", 100_000) <= largest:
