@@ -94,7 +94,8 @@ def test_two_workers_survive_a_failure_and_agree_on_every_mask(strategy, ray_loc
     assert resumes == [10]  # restored from the last checkpoint before the failure, not from step 0
     rows = _rows(folder)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
-    assert [r["phase"] for r in rows] == ["control", "control", "frozen", "frozen"]
+    phases = [r["phase"] for r in rows]
+    assert phases[:2] == ["control", "control"] and phases[-1] == "frozen"  # step 15 may extend control
 
     traces = [_trace(folder, 0), _trace(folder, 1)]
     for trace in traces:
