@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +199,15 @@ def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_local,
     assert len(list(trials.iterdir())) == 4  # no trial ran that the table does not show
     states = study_states(out)
     assert "RUNNING" not in states and states.count("COMPLETE") == 4
+
+
+def test_report_in_a_fresh_process_matches_the_search(search):
+    """`atp-ray report` after the search, in a process where Ray was never started (as a user runs it)."""
+    out, table = search
+    shutil.rmtree(out / "report")
+    done = subprocess.run(
+        [sys.executable, "-m", "atp_ray.cli", "report", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = pd.read_csv(out / "report" / "trials.csv")
+    assert again[["trial_id", "status"]].equals(table[["trial_id", "status"]])

@@ -44,7 +44,7 @@ def trial_table(experiment: Experiment, running: bool = False) -> pd.DataFrame:
     objectives = [o.name for o in experiment.space.objective_list()]
     fixed = experiment.space.fixed_overrides()
     rows = []
-    tune_states = {t.trial_id: (t.status, t.config, t.error_file) for t in tune_trials(experiment)}
+    tune_states = {t.trial_id: (t.status, t.config, _error_file(t)) for t in tune_trials(experiment)}
     folder_ids = {p.name for p in experiment.trials.iterdir()} if experiment.trials.is_dir() else set()
     # trial order: Tune's (creation order), then folders Tune never saved (newest driver's last moments)
     for trial_id in [*tune_states, *sorted(folder_ids - set(tune_states))]:
@@ -90,6 +90,13 @@ def trial_curves(experiment: Experiment, table: pd.DataFrame) -> dict[str, pd.Da
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _error_file(trial: Any) -> str | None:
+    # From the trial's storage folder: Trial.error_file goes through the driver's Ray session,
+    # and a report is often written after the search's Ray has shut down.
+    name = trial.run_metadata.error_filename
+    return str(Path(trial.path) / name) if name else None
 
 
 def _first_line(error_file: str | None) -> str | None:
