@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.errors import CompressionError

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import optuna
-import pytest
 from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend

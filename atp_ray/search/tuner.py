@@ -31,7 +31,6 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from atp_ray.run_folder import atomic_write_json
-from atp_ray.search.objectives import Objective
 from atp_ray.search.space import SearchSpace
 from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
 
