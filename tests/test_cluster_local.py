@@ -7,7 +7,6 @@ search`` itself once that command exists.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -102,9 +101,6 @@ def test_stopped_search_resumes_to_completion_without_losing_trials(local_cluste
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("atp_ray.search") is None, reason="atp_ray.search (issue 8) is not merged yet"
-)
 def test_real_search_job_stopped_and_resumed(local_cluster, tmp_path):
     """``atp-ray search`` on search_spaces/demo.yaml as a job: stopped mid-search, resumed, reported."""
     experiment = tmp_path / "demo"
