@@ -76,3 +76,14 @@ def test_search_with_a_bad_space_exits_2_before_ray_starts(tmp_path, capsys):
 def test_command_line_overrides_and_trials_apply_to_every_trial(tmp_path):
     space, base = load_space(_space(tmp_path), ["train.steps=7"], trials=3)
     assert space.trials == 3 and space.run_config({"atp.sparsity": 0.5}, base).train.steps == 7
+
+
+def test_a_multi_worker_trial_driver_asks_for_the_head_only_where_a_cluster_offers_it(tmp_path):
+    from atp_ray.search.tuner import DRIVER_CPU, trial_resources
+
+    atp_cluster = {"CPU": 48.0, "GPU": 8.0, "search_driver": 1000.0}
+    sharded, _ = load_space(_space(tmp_path, resources={"workers": 2, "gpus_per_worker": 1}))
+    assert trial_resources(sharded, atp_cluster) == {"cpu": DRIVER_CPU, "search_driver": 1}
+    assert trial_resources(sharded, {"CPU": 2.0}) == {"cpu": DRIVER_CPU}  # a laptop: no head to ask for
+    in_process, _ = load_space(_space(tmp_path, resources={"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 1}))
+    assert trial_resources(in_process, atp_cluster) == {"cpu": 2, "gpu": 1}  # it trains: it needs a GPU node

@@ -30,6 +30,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from atp_ray.cluster_config import DRIVER_RESOURCE
 from atp_ray.run_folder import atomic_write_json
 from atp_ray.search.space import SearchSpace
 from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
@@ -333,11 +334,19 @@ def _restore_checkpoint(folder: TrialFolder) -> None:
 # -- the Tuner --------------------------------------------------------------------------------
 
 
-def trial_resources(space: SearchSpace) -> dict[str, float]:
-    """What one trial's Tune actor holds: everything in-process, or a small driver for Ray Train."""
+def trial_resources(space: SearchSpace, cluster: dict[str, float]) -> dict[str, float]:
+    """What one trial's Tune actor holds: everything in-process, or a small driver for Ray Train.
+
+    ``cluster`` is ``ray.cluster_resources()``. On an atp-ray cluster a driver also asks for
+    one unit of the head's ``search_driver`` resource, so it sits on the head, next to the
+    search, and leaves the GPU nodes' CPUs to the Ray Train workers it starts.
+    """
     res = space.resources
     if res.workers > 1:
-        return {"cpu": DRIVER_CPU}
+        driver = {"cpu": DRIVER_CPU}
+        if cluster.get(DRIVER_RESOURCE, 0) >= 1:
+            driver[DRIVER_RESOURCE] = 1
+        return driver
     return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
 
 
@@ -355,9 +364,10 @@ def default_concurrency(space: SearchSpace) -> int:
 
 
 def _trainable_for(experiment: Experiment) -> Any:
-    return tune.with_resources(
-        tune.with_parameters(trainable, experiment_dir=str(experiment.root)), trial_resources(experiment.space)
-    )
+    import ray
+
+    resources = trial_resources(experiment.space, ray.cluster_resources())
+    return tune.with_resources(tune.with_parameters(trainable, experiment_dir=str(experiment.root)), resources)
 
 
 def _callbacks(space: SearchSpace) -> list[Any]:
