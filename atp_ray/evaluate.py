@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from atp_ray.data import IGNORE_INDEX, TokenBlocks, pad
-from atp_ray.formats import ChoiceQuestion, GenerationPrompt
+from atp_ray.formats import ChoiceQuestion, GenerationPrompt, Pair
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -42,11 +42,13 @@ def _target_log_probs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
     """
     device = _device(model)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    targets = batch["labels"][:, 1:].to(device)
-    real = targets != IGNORE_INDEX
-    log_probs = -F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets.masked_fill(~real, 0), reduction="none"
-    )
+    return _label_log_probs(logits[:, :-1], batch["labels"][:, 1:].to(device))
+
+
+def _label_log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """log softmax(logits)[label] at every position (0 where the label is ignored), and where labels are real."""
+    real = labels != IGNORE_INDEX
+    log_probs = -F.cross_entropy(logits.float().transpose(1, 2), labels.masked_fill(~real, 0), reduction="none")
     return log_probs * real, real
 
 
@@ -65,11 +67,42 @@ def perplexity(model: nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> Sc
 
 @torch.no_grad()
 def choice_log_likelihoods(model: nn.Module, question: ChoiceQuestion, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Summed log-likelihood of each choice's tokens given its context, and each choice's token count."""
-    longest = max(len(p.prompt) + len(p.continuation) for p in question.choices)
-    blocks = pad(question.choices, longest, pad_id)
-    log_probs, real = _target_log_probs(model, blocks.select(torch.arange(len(blocks))))
+    """Summed log-likelihood of each choice's tokens given its context, and each choice's token count.
+
+    The context the choices share is encoded once, and its KV cache serves every choice: a
+    question with a long stem and short answers costs little more than one forward pass.
+    """
+    shared = _shared_prompt_length(question.choices)
+    if shared == 0:  # nothing to reuse: every choice from its first token
+        longest = max(len(p.prompt) + len(p.continuation) for p in question.choices)
+        blocks = pad(question.choices, longest, pad_id)
+        log_probs, real = _target_log_probs(model, blocks.select(torch.arange(len(blocks))))
+        return log_probs.sum(dim=1).cpu(), real.sum(dim=1).cpu()
+    device, count = _device(model), len(question.choices)
+    stem = torch.tensor([question.choices[0].prompt[:shared]], device=device)
+    cache = DynamicCache(config=model.config)
+    encoded = model(input_ids=stem, attention_mask=torch.ones_like(stem), cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(count)
+    rests = [Pair(p.prompt[shared:], p.continuation) for p in question.choices]
+    blocks = pad(rests, max(1, max(len(r.prompt) + len(r.continuation) for r in rests)), pad_id)
+    attention_mask = torch.cat([torch.ones(count, shared, dtype=torch.long), blocks.attention_mask], dim=1)
+    logits = model(
+        input_ids=blocks.input_ids.to(device), attention_mask=attention_mask.to(device), cache=cache, use_cache=True
+    ).logits
+    # The stem's last position predicts each rest's first token; each rest position the next one.
+    logits = torch.cat([encoded.logits[:, -1:].expand(count, -1, -1), logits[:, :-1]], dim=1)
+    log_probs, real = _label_log_probs(logits, blocks.labels.to(device))
     return log_probs.sum(dim=1).cpu(), real.sum(dim=1).cpu()
+
+
+def _shared_prompt_length(choices: list[Pair]) -> int:
+    """Tokens at the start of every choice's context that all choices share."""
+    shortest = min(len(p.prompt) for p in choices)
+    first = choices[0].prompt
+    for i in range(shortest):
+        if any(p.prompt[i] != first[i] for p in choices[1:]):
+            return i
+    return shortest
 
 
 @torch.no_grad()

@@ -18,11 +18,12 @@ def _run(monkeypatch, module, argv: list[str]) -> None:
 def test_atp_cost_quick_prints_its_ratio_table(monkeypatch, capsys):
     from bench import atp_cost
 
-    _run(monkeypatch, atp_cost, ["--quick", "--threads", "1"])
+    _run(monkeypatch, atp_cost, ["--quick", "--threads", "1", "--variant", "every-2=atp.generator_every=2"])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows] == ["run", "atp", "lora", "**ATP / LoRA**"]
-    assert rows[-1].count("x**") == 2  # wall and training-loop ratios
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows] == ["run", "lora", "atp", "every-2"]
+    assert [r[4].strip() for r in rows[1:]][0] == "**1.00x**"  # the reference over itself
+    assert all(cell.strip().endswith("x**") for r in rows[1:] for cell in r[4:6])  # wall and train ratios
 
 
 def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys):

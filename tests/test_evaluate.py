@@ -22,7 +22,9 @@ class BigramModel(nn.Module):
         super().__init__()
         self.log_probs = nn.Parameter(probs.log())
 
-    def forward(self, input_ids, attention_mask=None):
+    config = None  # a KV cache for it is a plain one; it never fills it
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=False):
         return SimpleNamespace(logits=self.log_probs[input_ids])
 
 
@@ -58,6 +60,42 @@ def test_choice_log_likelihoods_are_exact():
     summed, tokens = choice_log_likelihoods(BigramModel(PROBS), SHORT_VS_LONG, pad_id=3)
     assert summed.tolist() == pytest.approx([math.log(0.45), math.log(0.30) + 3 * math.log(0.99)], rel=1e-5)
     assert tokens.tolist() == [1, 4]
+
+
+def _one_by_one(model, question: ChoiceQuestion) -> list[float]:
+    """Each choice's summed log-likelihood from its own unpadded forward pass, without a cache."""
+    sums = []
+    for pair in question.choices:
+        ids = torch.tensor([pair.prompt + pair.continuation])
+        with torch.no_grad():
+            log_probs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        sums.append(sum(float(log_probs[len(pair.prompt) - 1 + i, t]) for i, t in enumerate(pair.continuation)))
+    return sums
+
+
+# A shared stem and answers of different lengths; stems that share a part; stems that share nothing.
+QUESTIONS = {
+    "shared stem": ChoiceQuestion([Pair([5, 9, 13, 2], [7]), Pair([5, 9, 13, 2], [8, 3, 11]), Pair([5, 9, 13, 2], [21, 4])], 0),
+    "partly shared": ChoiceQuestion([Pair([5, 9, 13, 2], [7, 1]), Pair([5, 9, 14], [8, 3, 11, 6])], 0),
+    "nothing shared": ChoiceQuestion([Pair([5, 9], [7]), Pair([6, 9], [8, 3])], 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUESTIONS))
+def test_stem_encoded_once_scores_every_choice_as_its_own_forward_pass_does(tiny_model, name):
+    """The KV cache of the shared stem, reused per choice, changes no score: plain or masked, every family."""
+    from atp_ray.masking import masked
+    from atp_ray.structures import PruningSpace
+    from conftest import random_masks
+
+    question = QUESTIONS[name]
+    summed, tokens = choice_log_likelihoods(tiny_model, question, pad_id=0)
+    assert summed.tolist() == pytest.approx(_one_by_one(tiny_model, question), abs=1e-4)
+    assert tokens.tolist() == [len(p.continuation) for p in question.choices]
+    space = PruningSpace.from_config(tiny_model.config)
+    with masked(tiny_model, space, random_masks(space, keep=0.5)):
+        summed, _ = choice_log_likelihoods(tiny_model, question, pad_id=0)
+        assert summed.tolist() == pytest.approx(_one_by_one(tiny_model, question), abs=1e-4)
 
 
 def test_summed_and_per_token_scores_pick_the_expected_choice():
