@@ -162,6 +162,53 @@ def test_export_of_an_unfinished_trial_is_a_clear_error(search, tmp_path, capsys
     assert "has not finished" in capsys.readouterr().err
 
 
+def test_a_trial_with_two_workers_trains_on_ray_train_and_reports_through_tune(ray_local, tiny_model_dir, tmp_path):
+    """resources.workers=2: the trial's Tune actor drives a TorchTrainer; its reports reach Tune."""
+    point = {"atp.sparsity": 0.4, "atp.lasso_weight": 0.01, "train.lr": 0.001}
+    # 0.1 CPU for the trial's driver + 2 x 0.9 for its workers fit the session's 2 CPUs.
+    space = write_space(
+        tmp_path, tiny_model_dir, trials=1, points=[point], concurrency=1, resources={"workers": 2, "cpus_per_worker": 0.9}
+    )
+    out = tmp_path / "exp"
+    assert main(["search", "--space", str(space), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "report" / "trials.csv")
+    assert table.status.tolist() == ["COMPLETED"] and math.isfinite(table["obj.quality"].iloc[0])
+    trial_id = table.trial_id.iloc[0]
+    # The run's checkpoints went through Ray Train's storage, under the run name the trial gave it.
+    train_run = out / "trials" / trial_id / "run" / "ray" / f"exp-{trial_id}"
+    assert list(train_run.glob("checkpoint_*"))
+    reports = [json.loads(line) for line in (out / "tune" / trial_id / "result.json").read_text().splitlines()]
+    steps = [r["step"] for r in reports]
+    assert steps == [2.0, 4.0, 6.0] and reports[-1]["final"] == 1.0  # intermediate ones from the Train controller
+    assert all(r["final"] == 0.0 for r in reports[:-1])
+
+
+def test_resume_retry_failed_runs_an_errored_trial_again(ray_local, tiny_model_dir, tmp_path):
+    """A trial that errored (its data file unreadable) is retried by `resume --retry-failed` once fixed."""
+    data = tmp_path / "notes.jsonl"
+    rows = [json.dumps({"text": f"note {i}: the patient reports symptom {i % 17} since day {i % 5}."}) for i in range(400)]
+    data.write_text("\n".join(rows[:200] + ["{not json"] + rows[200:]) + "\n")
+    point = {"atp.sparsity": 0.4, "atp.lasso_weight": 0.01, "train.lr": 0.001}
+    space = write_space(tmp_path, tiny_model_dir, trials=1, points=[point], concurrency=1)
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["data"]["source"] = {"kind": "file", "path": str(data)}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "exp"
+    assert main(["search", "--space", str(space), "--out", str(out)]) == 0
+    failed = pd.read_csv(out / "report" / "trials.csv")
+    assert failed.status.tolist() == ["FAILED"] and "DataError" in failed.failure_reason.iloc[0]
+    assert study_states(out) == ["FAIL"]
+
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["resume", str(out)]) == 0  # without the flag an errored trial stays failed
+    assert pd.read_csv(out / "report" / "trials.csv").status.tolist() == ["FAILED"]
+    assert main(["resume", str(out), "--retry-failed"]) == 0
+    retried = pd.read_csv(out / "report" / "trials.csv")
+    assert retried.status.tolist() == ["COMPLETED"] and retried.trial_id.tolist() == failed.trial_id.tolist()
+    assert math.isfinite(retried["obj.quality"].iloc[0])
+    assert study_states(out) == ["FAIL", "COMPLETE"]  # the study keeps the failed attempt and adds the retry
+
+
 def _wait_for(condition, timeout: float, what: str, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
