@@ -225,7 +225,7 @@ class ATPRecipe:
         started = time.monotonic()
         while self.step < cfg.steps:
             metrics: dict[str, float] = {}
-            if self.frozen_masks is None:
+            if self.frozen_masks is None and self.step % self.config.atp.generator_every == 0:
                 metrics |= self._generator_step()
             masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
             metrics |= self._lora_step(masks)

@@ -222,9 +222,9 @@ class ATPSettings(_Section):
     freeze_tolerance: float = Field(
         0.01, ge=0, description="freeze early once |achieved - target sparsity| stays within this"
     )
-    freeze_patience: int = Field(20, gt=0, description="generator steps the tolerance must hold to freeze early")
+    freeze_patience: int = Field(20, gt=0, description="control steps the tolerance must hold to freeze early")
     control_extension_fraction: float = Field(
-        0.1,
+        0.2,
         ge=0,
         le=1,
         description="share of steps the control phase may run past its end while the noise-free mask "
@@ -244,6 +244,12 @@ class ATPSettings(_Section):
         "grow until the sampled sparsity s meets the target t (0 = the fixed ratio weight alone)",
     )
     generator_lr: float = Field(2e-3, ge=0, description="AdamW learning rate of the generator (0 freezes it)")
+    generator_every: int = Field(
+        1,
+        gt=0,
+        description="control steps per generator update (the LoRA step runs every step); k > 1 makes "
+        "control cheaper but slows the generator (README: ATP's own cost)",
+    )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")

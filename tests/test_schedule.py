@@ -113,3 +113,13 @@ def test_resume_mid_control_restores_the_multipliers(tiny_model_dir, tmp_path, m
     assert run_atp(load_config(raw), tmp_path / "run") == reference
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
     assert timeless(_rows(folder)) == timeless(_rows(RunFolder(tmp_path / "reference")))
+
+
+def test_generator_every_k_updates_it_on_every_kth_control_step_only(trained_model_dir, tmp_path):
+    """atp.generator_every=3: the LoRA step runs every step, the generator's one step in three."""
+    _run(trained_model_dir, tmp_path / "run", generator_every=3)
+    control = [r for r in _rows(RunFolder(tmp_path / "run")) if r["phase"] == "control"]
+    updated = [r["step"] for r in control if "generator_loss" in r]
+    assert updated == [step for step in range(1, control[-1]["step"] + 1) if (step - 1) % 3 == 0]
+    assert all("loss" in r for r in control)
+
