@@ -13,6 +13,11 @@ class ConfigError(ATPRayError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
 
+    def __reduce__(self):
+        # Ray re-raises a worker's exception from its pickle; rebuilt from the message alone,
+        # the problem list would become one problem per character.
+        return (type(self), (self.problems,))
+
 
 class UnsupportedArchitectureError(ATPRayError):
     """The model's architecture is not one whose structures atp-ray knows how to prune."""

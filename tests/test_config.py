@@ -107,3 +107,12 @@ def test_distributed_section_rules(tiny_model_dir, tmp_path):
     )
     config = load_config({"model": model}, ["distributed.workers=4", "distributed.strategy=zero2"])
     assert (config.distributed.workers, config.distributed.strategy) == (4, "zero2")
+
+
+def test_config_error_survives_a_pickle_round_trip_with_its_problems():
+    """Ray hands a worker's exception to the driver pickled: the problem list must come back whole."""
+    import pickle
+
+    err = ConfigError(["model.path: no such folder", "train.steps: must be positive"])
+    back = pickle.loads(pickle.dumps(err))
+    assert back.problems == err.problems and str(back) == str(err)
