@@ -110,6 +110,39 @@ def _expand_source(value: Any) -> Any:
     )
 
 
+def absolute_local_paths(raw: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """``raw`` with every relative path that names something under ``root`` made absolute.
+
+    ``root`` defaults to the working directory. A search's trials run in Tune actors whose
+    working directory is their trial folder, perhaps on another node, where a relative
+    path names something else or nothing. Changes ``raw`` in place and returns it; hub ids
+    (a model or dataset name that is not a local path) are left as they are.
+    """
+    root = Path.cwd() if root is None else root
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute() or not (root / value).exists():
+            return value
+        return str((root / value).resolve())
+
+    sections = {"model": ["path"], "distributed": ["storage_path", "deepspeed_config"]}
+    for section, keys in sections.items():
+        values = raw.get(section)
+        for key in keys if isinstance(values, dict) else []:
+            if key in values:
+                values[key] = absolute(values[key])
+    data = raw.get("data")
+    if isinstance(data, dict) and "source" in data:
+        try:
+            source = _expand_source(data["source"])
+        except ValueError:
+            return raw  # validation reports it
+        key = _SHORTHAND_KEYS.get(source.get("kind")) if isinstance(source, dict) else None
+        if key and key in source and source["kind"] != "builtin":
+            data["source"] = {**source, key: absolute(source[key])}
+    return raw
+
+
 class _Templates(_Section):
     @model_validator(mode="after")
     def _balanced(self) -> _Templates:

@@ -87,3 +87,17 @@ def test_a_multi_worker_trial_driver_asks_for_the_head_only_where_a_cluster_offe
     assert trial_resources(sharded, {"CPU": 2.0}) == {"cpu": DRIVER_CPU}  # a laptop: no head to ask for
     in_process, _ = load_space(_space(tmp_path, resources={"workers": 1, "cpus_per_worker": 2, "gpus_per_worker": 1}))
     assert trial_resources(in_process, atp_cluster) == {"cpu": 2, "gpu": 1}  # it trains: it needs a GPU node
+
+
+def test_relative_paths_in_the_base_config_are_made_absolute_for_the_trials(tmp_path, monkeypatch, tiny_model_dir):
+    """Trials run in Tune actors whose working directory is their trial folder: relative paths must not reach them."""
+    (tmp_path / "tiny").symlink_to(tiny_model_dir)
+    (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
+    monkeypatch.chdir(tmp_path)
+    path = _space(tmp_path, base={"model": {"path": "tiny"}, "data": {"source": "notes.jsonl"}})
+    _, base = load_space(path, ["distributed.storage_path=s3://bucket/runs"])
+    assert base["model"]["path"] == str(tiny_model_dir.resolve())
+    assert base["data"]["source"] == {"kind": "file", "path": str(tmp_path / "notes.jsonl")}
+    assert base["distributed"]["storage_path"] == "s3://bucket/runs"  # a URI, not a local path
+    _, hub = load_space(_space(tmp_path, base={"model": {"path": "embedded:smollm2-135m-instruct"}}))
+    assert hub["model"]["path"] == "embedded:smollm2-135m-instruct"

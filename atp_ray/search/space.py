@@ -215,7 +215,7 @@ def _known_key(key: str) -> bool:
 
 def resolve_base(space: SearchSpace, space_file: Path | None, cli_overrides: list[str]) -> dict[str, Any]:
     """The base run config as a raw dict: file, then the space's overrides, then the command line's."""
-    from atp_ray.config import apply_overrides
+    from atp_ray.config import absolute_local_paths, apply_overrides
 
     if isinstance(space.base, dict):
         raw = copy.deepcopy(space.base)
@@ -225,7 +225,8 @@ def resolve_base(space: SearchSpace, space_file: Path | None, cli_overrides: lis
             path = (space_file.parent / path).resolve()
         raw = _read_mapping(path)
     fixed = {**space.fixed_overrides(), **space.resource_overrides()}
-    return apply_overrides(raw, [_override(k, v) for k, v in fixed.items()] + list(cli_overrides))
+    raw = apply_overrides(raw, [_override(k, v) for k, v in fixed.items()] + list(cli_overrides))
+    return absolute_local_paths(raw)  # trials run elsewhere: a relative path would not follow them
 
 
 def load_space(
