@@ -74,3 +74,17 @@ def test_diverging_trial_stops_with_a_clear_reason(tiny_model_dir, tmp_path):
     with pytest.raises(TrialDiverged, match="not finite"):
         run_trial(_config(tiny_model_dir, lr=1e30), tmp_path / "nan", objectives=OBJECTIVES)
     assert not TrialFolder(tmp_path / "nan").objectives.exists()
+
+
+def test_speed_and_accuracy_objectives_are_reported_at_every_step_and_measured_at_the_end(tiny_model_dir, tmp_path):
+    """latency / throughput scale a dense reference by the kept share in flight; accuracy is final-only."""
+    objectives = [Objective("latency", "min"), Objective("throughput", "max"), Objective("accuracy", "max", "hpo-term", 8)]
+    reports = []
+    values = run_trial(_config(tiny_model_dir), tmp_path / "trial", objectives=objectives, report=reports.append)
+    assert set(values) == {"latency", "throughput", "accuracy"}
+    assert values["latency"] > 0 and values["throughput"] > 0 and 0 <= values["accuracy"] <= 1
+    intermediate = [r for r in reports if r["final"] == 0.0]
+    assert intermediate and all({"latency", "throughput", "accuracy"} <= set(r) for r in intermediate)
+    for r in intermediate:  # in flight: one dense reference, scaled by the share of parameters kept
+        assert r["latency"] * r["throughput"] == pytest.approx(intermediate[0]["latency"] * intermediate[0]["throughput"])
+        assert r["accuracy"] == 0.0
