@@ -129,9 +129,11 @@ def _driver(root: Path) -> Iterator[None]:
     """Start (or join, via RAY_ADDRESS) Ray, and mark the experiment as running meanwhile."""
     import ray
 
+    from atp_ray.distributed import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        init_ray()
     (root / DRIVER_FILE).write_text(str(os.getpid()))
     try:
         yield

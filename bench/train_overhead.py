@@ -21,7 +21,7 @@ from pathlib import Path
 
 from atp_ray.atp import run_atp
 from atp_ray.config import RunConfig, load_config
-from atp_ray.distributed import run_distributed
+from atp_ray.distributed import init_ray, run_distributed
 from atp_ray.embedded import EMBEDDED_MODEL
 
 
@@ -55,7 +55,7 @@ def time_ray(config: RunConfig, root: Path, index: int, cpus: int) -> tuple[floa
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="atpb-", dir="/tmp"))
+    init_ray(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="atpb-", dir="/tmp"))
     fit_start = time.perf_counter()
     run_distributed(config, root / f"ray-{index}")
     fit = time.perf_counter() - fit_start

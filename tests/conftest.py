@@ -153,7 +153,9 @@ def ray_local():
     # from this folder: put it (and the repository) on their path.
     here = Path(__file__).resolve().parent
     path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))
-    ray.init(
+    from atp_ray.distributed import init_ray
+
+    init_ray(
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,

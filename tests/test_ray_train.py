@@ -7,6 +7,7 @@ ray.shutdown() (never `ray stop`, which would kill other Ray instances on the ho
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from atp_ray.distributed import (
     DebugHooks,
     DistributedRunError,
     check_cluster,
+    init_ray,
     preflight,
     run_distributed,
 )
@@ -40,7 +42,7 @@ def ray_local():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     for attempt in range(3):  # a loaded shared host can miss Ray's fixed 30 s raylet start-up wait
         try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="atpr-", dir="/tmp"))
+            init_ray(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="atpr-", dir="/tmp"))
             break
         except Exception:
             ray.shutdown()
@@ -154,8 +156,8 @@ def _zero3_lasso_worker(loop_config: dict) -> None:
 
 @pytest.mark.slow  # measured: 90-200 s here (2 shared, loaded cores)
 def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_path):
-    from ray.train import ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from atp_ray.atp import ATPRecipe
@@ -224,3 +226,9 @@ def test_cli_bad_distributed_input_exits_2(tiny_model_dir, tmp_path):
     for problem in ("distributed.workers: input should be greater than 0", "override 'atp.sparsity'", "train.steps"):
         assert problem in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_ray_started_by_atp_ray_runs_its_workers_at_normal_priority(ray_local):
+    """The session's Ray comes from init_ray: its workers must not sit at Ray's default nice 15."""
+    nice = ray_local.get(ray_local.remote(lambda: os.nice(0)).remote())
+    assert nice == 0
