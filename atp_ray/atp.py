@@ -3,7 +3,9 @@
 Each step of the control phase first trains the generator (LLM and LoRA frozen) on a
 calibration batch against task loss + ratio loss + a Lagrangian budget term (towards a
 sparsity target annealed from 0 to the final one), then samples a hard mask and trains
-LoRA on a training batch against task loss + group lasso. Once the generator's
+LoRA on a training batch against task loss + group lasso (``atp.control_step=joint``
+instead takes the generator's task-loss gradient from the LoRA step's own backward pass:
+cheaper, measured worse; see the README). Once the generator's
 noise-free mask has held the target sparsity for a while, or the control phase ends
 (extended, bounded, while the target is missed), the mask is frozen, at most the freeze
 tolerance from where the generator stands, and LoRA training continues under it, with
@@ -224,11 +226,13 @@ class ATPRecipe:
         )
         started = time.monotonic()
         while self.step < cfg.steps:
-            metrics: dict[str, float] = {}
-            if self.frozen_masks is None and self.step % self.config.atp.generator_every == 0:
-                metrics |= self._generator_step()
-            masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
-            metrics |= self._lora_step(masks)
+            controlling = self.frozen_masks is None and self.step % self.config.atp.generator_every == 0
+            if controlling and self.config.atp.control_step == "joint":
+                masks, metrics = self._joint_step()
+            else:
+                metrics = self._generator_step() if controlling else {}
+                masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
+                metrics |= self._lora_step(masks)
             self.step += 1
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 metrics |= self._held_out(self._current_masks())
@@ -256,6 +260,38 @@ class ATPRecipe:
         batch = self._to_device(self.calibration_stream.batch(self.step))
         with self.autocast(), masked(self.model, self.space, masks):
             task_loss = self.model(**batch).loss
+        budget, metrics = self._budget_loss(masks)
+        # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
+        # it and must not see it toggled) and gets no .grad from this pass.
+        params = list(self.generator.parameters())
+        grads = torch.autograd.grad(task_loss.float() + budget, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        self._update_generator()
+        return {"generator_loss": task_loss.item(), **metrics}
+
+    def _joint_step(self) -> tuple[Masks, dict[str, float]]:
+        """One LoRA update whose backward pass also gives the generator its task-loss gradient.
+
+        The sampled mask enters the LLM as a leaf tensor: the LoRA step's backward leaves
+        d(task loss)/d(mask) in its .grad, which is then carried back through the generator
+        with the budget terms. One forward and backward of the LLM per control step instead
+        of two; the generator sees training batches (not calibration ones) under LoRA
+        dropout, and updates at the same time as LoRA rather than just before it.
+        """
+        self.generator.train()
+        noise = torch.Generator(device=self.device).manual_seed(self._noise_seed(0))
+        masks = self.generator(noise)  # the same on every rank: same weights, same noise
+        leaves = {g: m.detach().requires_grad_() for g, m in masks.items()}
+        metrics = self._lora_step(leaves)
+        budget, budget_metrics = self._budget_loss(masks)
+        # The strategy's backward already divided each micro-batch's loss by the accumulation.
+        torch.autograd.backward([budget, *masks.values()], [None, *(leaf.grad for leaf in leaves.values())])
+        self._update_generator()
+        return detach_masks(leaves), {"generator_loss": metrics["loss"], **metrics, **budget_metrics}
+
+    def _budget_loss(self, masks: Masks) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator's budget terms for a sampled mask; raises the Lagrange multipliers."""
         kept = self.space.kept_fraction(masks)
         target = self._control_target()
         ratio = ratio_loss(kept, 1.0 - target)
@@ -264,29 +300,21 @@ class ATPRecipe:
         # while the budget is missed, so the constraint wins in the end (CoFi, Sheared-LLaMA).
         gap = (1.0 - kept) - target
         l1, l2 = self.multipliers.tolist()
-        loss = task_loss.float() + self.config.atp.ratio_weight * ratio + l1 * gap + l2 * gap.pow(2)
-        # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
-        # it and must not see it toggled) and gets no .grad from this pass.
-        params = list(self.generator.parameters())
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        self.context.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        self.generator_optimizer.step()
-        self.generator_optimizer.zero_grad(set_to_none=True)
+        budget = self.config.atp.ratio_weight * ratio + l1 * gap + l2 * gap.pow(2)
         # Ascent on the multipliers along the sampled gap, the one the ratio loss sees too. Driving
         # them by the noise-free gap instead made the two terms pull apart on a random tiny model
         # (sampled 0.45, noise-free 0.35 for a 0.4 target). Identical on every rank.
         step_gap = gap.item()
         self.multipliers += self.config.atp.lagrangian_lr * torch.tensor([step_gap, step_gap**2])
-        return {
-            "generator_loss": task_loss.item(),
-            "ratio_loss": ratio.item(),
-            "control_target": target,
-            "lagrange_l1": l1,
-            "lagrange_l2": l2,
-        }
+        return budget, {"ratio_loss": ratio.item(), "control_target": target, "lagrange_l1": l1, "lagrange_l2": l2}
+
+    def _update_generator(self) -> None:
+        """Average the generator's gradients over ranks, clip and step (it stays replicated)."""
+        params = list(self.generator.parameters())
+        self.context.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        self.generator_optimizer.step()
+        self.generator_optimizer.zero_grad(set_to_none=True)
 
     def _control_target(self) -> float:
         """The generator's sparsity target at this step: annealed linearly from 0 to the final one.

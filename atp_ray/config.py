@@ -283,6 +283,12 @@ class ATPSettings(_Section):
         description="control steps per generator update (the LoRA step runs every step); k > 1 makes "
         "control cheaper but slows the generator (README: ATP's own cost)",
     )
+    control_step: Literal["alternating", "joint"] = Field(
+        "alternating",
+        description="alternating: a generator update on a calibration batch, then a LoRA update; joint: "
+        "one LoRA update whose backward also gives the generator its gradient (one LLM pass instead of "
+        "two; README: ATP's own cost)",
+    )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")

@@ -10,6 +10,9 @@ from conftest import make_tiny_model, make_tiny_tokenizer, tiny_run_config
 from atp_ray.atp import ATPRecipe, run_atp
 from atp_ray.config import DataConfig, load_config
 from atp_ray.data import BatchStream, build_splits
+from atp_ray.losses import ratio_loss
+from atp_ray.masking import masked
+from atp_ray.process import ProcessContext
 from atp_ray.run_folder import RunFolder
 
 # The fixed-weight schedule before issue 12: the final target from step one, no multipliers,
@@ -123,3 +126,58 @@ def test_generator_every_k_updates_it_on_every_kth_control_step_only(trained_mod
     assert updated == [step for step in range(1, control[-1]["step"] + 1) if (step - 1) % 3 == 0]
     assert all("loss" in r for r in control)
 
+
+
+def test_joint_step_gives_the_generator_the_gradient_of_its_own_loss(tiny_model_dir, tmp_path):
+    """control_step=joint: one LLM pass yields the generator's exact task + budget gradient.
+
+    Reference: the generator's loss written out directly (task loss of the masked model on the
+    same training batch and mask noise, plus the ratio term; the multipliers start at zero),
+    differentiated with autograd. The group lasso must not reach the generator.
+    """
+    raw = tiny_run_config(tiny_model_dir, atp={"control_step": "joint"}, lora={"dropout": 0.0})
+    recipe = ATPRecipe(load_config(raw), tmp_path / "run", ProcessContext.current("cpu"))
+    recipe.setup()
+    recipe.model.train()
+    recipe.generator.train()
+    noise = torch.Generator().manual_seed(recipe._noise_seed(0))
+    masks = recipe.generator(noise)
+    with masked(recipe.model, recipe.space, masks):
+        task_loss = recipe.model(**recipe.train_stream.batch(0)).loss
+    budget = recipe.config.atp.ratio_weight * ratio_loss(
+        recipe.space.kept_fraction(masks), 1.0 - recipe._control_target()
+    )
+    params = list(recipe.generator.parameters())
+    expected = torch.autograd.grad(task_loss + budget, params, allow_unused=True)
+
+    captured = []
+    recipe._update_generator = lambda: captured.extend(p.grad.clone() if p.grad is not None else None for p in params)
+    step_masks, metrics = recipe._joint_step()
+    assert metrics["loss"] == pytest.approx(task_loss.item())
+    assert all(not m.requires_grad for m in step_masks.values())
+    assert len(captured) == len(expected)
+    for got, want in zip(captured, expected):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def _count_llm_passes(model_dir, out, **atp) -> tuple[dict, int]:
+    """Run ATP on the tiny Llama; return its summary and the LLM's forward passes during training."""
+    passes = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: passes.append(module.training) if type(module).__name__ == "LlamaForCausalLM" else None
+    )
+    try:
+        summary = run_atp(load_config(tiny_run_config(model_dir, atp=atp)), out)
+    finally:
+        hook.remove()
+    return summary, len(passes)
+
+
+def test_joint_step_runs_the_llm_once_per_control_step(tiny_model_dir, tmp_path):
+    """control_step=joint: one LLM pass per step, where alternating makes two in every control step."""
+    alternating, alternating_passes = _count_llm_passes(tiny_model_dir, tmp_path / "alternating")
+    joint, joint_passes = _count_llm_passes(tiny_model_dir, tmp_path / "joint", control_step="joint")
+    assert joint_passes == alternating_passes - alternating["freeze_step"]
+    assert joint["sparsity_at_control_end"] > 0.3  # the generator still moved towards the 0.4 target
