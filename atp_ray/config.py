@@ -257,7 +257,7 @@ class ATPSettings(_Section):
     )
     freeze_patience: int = Field(20, gt=0, description="control steps the tolerance must hold to freeze early")
     control_extension_fraction: float = Field(
-        0.2,
+        0.3,
         ge=0,
         le=1,
         description="share of steps the control phase may run past its end while the noise-free mask "
