@@ -54,7 +54,10 @@ def run_all(raw: dict[str, Any], workdir: Path, sparsities: list[float], seeds: 
             config = with_overrides(raw, **sets, atp={"sparsity": sparsity}, train={"seed": seed})
             out = workdir / f"{name.replace(' ', '-')}-{sparsity}-{seed}"
             summary, _ = timed_run(config, out)
-            results.setdefault((name, sparsity), []).append({**score(out, max_samples), "sparsity": summary["sparsity"]})
+            scores = {**score(out, max_samples), "sparsity": summary["sparsity"]}
+            results.setdefault((name, sparsity), []).append(scores)
+            # One line per finished run, so a long bench stopped early still shows what it measured.
+            print(f"{name}, sparsity {sparsity}, seed {seed}: {scores}", flush=True)
     return results
 
 
