@@ -127,7 +127,6 @@ def test_generator_every_k_updates_it_on_every_kth_control_step_only(trained_mod
     assert all("loss" in r for r in control)
 
 
-
 def test_joint_step_gives_the_generator_the_gradient_of_its_own_loss(tiny_model_dir, tmp_path):
     """control_step=joint: one LLM pass yields the generator's exact task + budget gradient.
 
@@ -163,11 +162,14 @@ def test_joint_step_gives_the_generator_the_gradient_of_its_own_loss(tiny_model_
 
 
 def _count_llm_passes(model_dir, out, **atp) -> tuple[dict, int]:
-    """Run ATP on the tiny Llama; return its summary and the LLM's forward passes during training."""
+    """Run ATP on the tiny Llama; return its summary and the LLM's forward passes (final evaluation included)."""
     passes = []
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: passes.append(module.training) if type(module).__name__ == "LlamaForCausalLM" else None
-    )
+
+    def count(module, args, output):
+        if type(module).__name__ == "LlamaForCausalLM":
+            passes.append(module)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         summary = run_atp(load_config(tiny_run_config(model_dir, atp=atp)), out)
     finally:
