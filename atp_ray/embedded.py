@@ -8,6 +8,7 @@ folder once to a cache, so every later load is an ordinary ``from_pretrained``.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -44,6 +45,18 @@ def embedded_model_path() -> Path:
     target = cache_root() / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time: a second process (a search's trials, two test workers) waits
+    # here and then finds the folder made, instead of deleting the first one's partial copy.
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
+    """GGUF -> dequantised LlamaForCausalLM -> safetensors folder at ``target``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -61,4 +74,3 @@ def embedded_model_path() -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(target)  # atomic: a killed conversion never leaves a half folder behind
-    return target

@@ -1,6 +1,9 @@
 """The embedded default end to end: real SmolLM2-135M on real HPO text (slow: run with -m slow)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +21,20 @@ def test_embedded_config_runs_and_lands_on_target(tmp_path):
     assert abs(summary["sparsity"] - config.atp.sparsity) <= 0.02
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6
+
+
+@pytest.mark.slow
+def test_two_processes_converting_the_embedded_model_at_once_both_get_it(tmp_path):
+    """A search's first trials may all ask for the model at once: one converts, the others wait for it."""
+    code = "from atp_ray.embedded import embedded_model_path; print(embedded_model_path())"
+    env = {**os.environ, "ATP_RAY_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert paths == {str(tmp_path / "cache" / "smollm2-135m-instruct")}
+    assert (tmp_path / "cache" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert not (tmp_path / "cache" / "smollm2-135m-instruct.partial").exists()
