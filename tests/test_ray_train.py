@@ -17,10 +17,13 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_run_config
+from ray.train import UserCallback
 
 from atp_ray.atp import run_atp
 from atp_ray.config import load_config
 from atp_ray.distributed import (
+    CONTROLLER_POLL_ENV,
+    CONTROLLER_POLL_S,
     MASK_TRACE_DIR,
     RESUMES_FILE,
     DebugHooks,
@@ -118,12 +121,27 @@ def test_two_workers_survive_a_failure_and_agree_on_every_mask(strategy, ray_loc
     assert report["tasks"]["domain-ppl"]["samples"] > 0
 
 
+class ControllerPollInterval(UserCallback):
+    """Runs on Ray Train's controller: writes the poll interval that controller process sees."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.out.write_text(os.environ.get(CONTROLLER_POLL_ENV, "unset"))
+
+
 def test_one_worker_equals_one_process(ray_local, tiny_model_dir, tmp_path):
-    """A 1-worker DDP run through Ray Train is the one-process run: same mask, same losses (100 s here)."""
+    """A 1-worker DDP run through Ray Train is the one-process run: same mask, same losses (100 s here).
+
+    Its controller also polls at atp-ray's interval, not Ray's 2 s (which added seconds to every run's end).
+    """
     raw = tiny_run_config(tiny_model_dir, train={"steps": 12, "checkpoint_every": 5})
     local = run_atp(load_config(raw), tmp_path / "local")
     raw["distributed"] = {"workers": 1}
-    ray_run = run_distributed(load_config(raw), tmp_path / "ray")
+    poll = tmp_path / "controller-poll-interval"
+    ray_run = run_distributed(load_config(raw), tmp_path / "ray", callbacks=[ControllerPollInterval(poll)])
+    assert poll.read_text() == CONTROLLER_POLL_S
     masks = [json.loads(RunFolder(tmp_path / name).mask.read_text()) for name in ("local", "ray")]
     assert masks[0] == masks[1]
     assert ray_run["eval_loss"] == pytest.approx(local["eval_loss"], rel=1e-5)
