@@ -183,3 +183,46 @@ def test_joint_step_runs_the_llm_once_per_control_step(tiny_model_dir, tmp_path)
     joint, joint_passes = _count_llm_passes(tiny_model_dir, tmp_path / "joint", control_step="joint")
     assert joint_passes == alternating_passes - alternating["freeze_step"]
     assert joint["sparsity_at_control_end"] > 0.3  # the generator still moved towards the 0.4 target
+
+
+# Control ends at step 10 of 40, short of the 0.4 target (a weak budget on the trained model);
+# the closing ramp then cuts 0.03 per step along the generator's ranking.
+CLOSING = {"control_fraction": 0.25, "closing_rate": 0.03, "lagrangian_lr": 0.0, **WEAK_RATIO}
+
+
+def test_closing_ramp_reaches_the_target_a_little_per_step_with_the_generator_frozen(trained_model_dir, tmp_path):
+    summary = _run(trained_model_dir, tmp_path / "run", **CLOSING)
+    rows = _rows(RunFolder(tmp_path / "run"))
+    closing = [r for r in rows if r["phase"] == "closing"]
+    assert summary["sparsity_at_control_end"] < 0.4 - 0.1  # the generator alone fell well short
+    # The ramp starts when control ends, on time (the row of step 10 ends in the new phase) ...
+    assert len(closing) >= 3 and closing[0]["step"] == 10 and "generator_loss" in closing[0]
+    assert all("generator_loss" not in r for r in closing[1:])  # ... and the generator no longer trains
+    path = [summary["sparsity_at_control_end"]] + [r["noise_free_sparsity"] for r in closing] + [summary["sparsity"]]
+    steps = [b - a for a, b in zip(path, path[1:])]
+    # Up the ramp at the rate on average; a single step may cut more where one unit is large (a
+    # KV group with its query heads is 1/15 of this tiny model), never the whole gap at once.
+    assert all(-1e-6 <= step <= 0.1 for step in steps), steps
+    assert len(steps) >= (0.4 - path[0]) / 0.03
+    assert summary["freeze_step"] == closing[-1]["step"] + 1 and abs(summary["sparsity"] - 0.4) <= 0.01
+
+
+def test_resume_on_the_closing_ramp_is_exact(trained_model_dir, tmp_path, monkeypatch):
+    raw = tiny_run_config(trained_model_dir, atp=CLOSING, train={"log_every": 1, "checkpoint_every": 2})
+    reference = run_atp(load_config(raw), tmp_path / "reference")
+    save = ATPRecipe._checkpoint
+
+    def crash_on_the_ramp(recipe):
+        save(recipe)
+        if recipe.closing_sparsity is not None and recipe.step >= 14:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ATPRecipe, "_checkpoint", crash_on_the_ramp)
+    with pytest.raises(KeyboardInterrupt):
+        run_atp(load_config(raw), tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    assert torch.load(folder.checkpoint, weights_only=True)["closing_sparsity"] > 0
+    monkeypatch.setattr(ATPRecipe, "_checkpoint", save)
+    assert run_atp(load_config(raw), tmp_path / "run") == reference
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert timeless(_rows(folder)) == timeless(_rows(RunFolder(tmp_path / "reference")))
