@@ -37,6 +37,15 @@ def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys):
     assert "± " in out
 
 
+def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
+    from bench import atp_vs_two_step
+
+    _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1", "--methods", "atp"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["atp"]
+    assert [cell.strip() for cell in rows[0][-2:]] == ["n/a", "n/a"]  # retention needs dense LoRA
+
+
 def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
     from bench import compress_speed
 
