@@ -10,9 +10,6 @@ noise-free mask has held the target sparsity for a while, or the control phase e
 (extended, bounded, while the target is missed), the mask is frozen, at most the freeze
 tolerance from where the generator stands, and LoRA training continues under it, with
 the lasso weight raised over the final steps so the LoRA weights of cut structures reach zero.
-With ``atp.closing_rate`` the control phase is not extended: a generator still short of the
-target at its end is frozen, and a closing ramp cuts along its ranking of units, a little
-per step, until the mask meets the target and freezes.
 
 The run folder is resumable: a killed run started again on the same folder continues
 from its last checkpoint with the same step count, data order and random state.
@@ -153,9 +150,6 @@ class ATPRecipe:
         self.frozen_masks: dict[UnitGroup, torch.Tensor] | None = fixed_masks
         self.freeze_step: int | None = None if fixed_masks is None else 0
         self.steps_within_tolerance = 0
-        # Where the closing ramp stands (atp.closing_rate), and its mask; None outside the ramp.
-        self.closing_sparsity: float | None = None
-        self.closing_masks: Masks | None = None
         # Lagrange multipliers (l1, l2) of the budget constraint, raised by gradient ascent.
         self.multipliers = torch.zeros(2)
         self.noise_free_sparsity = 0.0
@@ -214,8 +208,6 @@ class ATPRecipe:
         # A checkpoint between two rows carries the steps already taken toward the next row.
         self.log_window = state.get("log_window", [])
         self.freeze_step = state["freeze_step"] if state["freeze_step"] >= 0 else None
-        if state.get("closing_sparsity", -1.0) >= 0:
-            self._set_closing(state["closing_sparsity"])
         if state["frozen_masks"]:
             self.frozen_masks = {
                 g: m.to(self.device) for g, m in self.space.masks_from_dict(state["frozen_masks"]).items()
@@ -234,12 +226,12 @@ class ATPRecipe:
         )
         started = time.monotonic()
         while self.step < cfg.steps:
-            controlling = self._controlling() and self.step % self.config.atp.generator_every == 0
+            controlling = self.frozen_masks is None and self.step % self.config.atp.generator_every == 0
             if controlling and self.config.atp.control_step == "joint":
                 masks, metrics = self._joint_step()
             else:
                 metrics = self._generator_step() if controlling else {}
-                masks = self._step_masks()
+                masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
                 metrics |= self._lora_step(masks)
             self.step += 1
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -338,18 +330,6 @@ class ATPRecipe:
         # generator overshoot and oscillate around the target on the tiny trained model.
         return atp.sparsity * min(1.0, (self.step + 1) / anneal_steps)
 
-    def _controlling(self) -> bool:
-        """Whether the generator still trains: neither frozen nor on the closing ramp."""
-        return self.frozen_masks is None and self.closing_sparsity is None
-
-    def _step_masks(self) -> Masks:
-        """The mask of this step's LoRA update: the frozen one, the closing ramp's, or a sample."""
-        if self.frozen_masks is not None:
-            return self.frozen_masks
-        if self.closing_masks is not None:
-            return self.closing_masks
-        return self._sample_masks()
-
     def _sample_masks(self) -> dict[UnitGroup, torch.Tensor]:
         """A noisy hard mask from the generator for one LoRA step, the same on every rank."""
         self.generator.train()
@@ -394,78 +374,35 @@ class ATPRecipe:
 
         The freeze moves the noise-free mask at most ``freeze_tolerance`` towards the target:
         a generator that fell short is reported (log warning, summary.json), never rescued by
-        cutting many units in one step that LoRA has not adapted to. With ``closing_rate``,
-        control instead ends on time and the closing ramp cuts the rest a little per step.
+        cutting many units in one step that LoRA has not adapted to.
         """
         atp = self.config.atp
         target = atp.sparsity
-        if self.closing_sparsity is not None:
-            self._close_gap()
-            return
         self.noise_free_sparsity = self.space.sparsity(self.generator.deterministic_masks())
         gap = abs(self.noise_free_sparsity - target)
         self.steps_within_tolerance = self.steps_within_tolerance + 1 if gap <= atp.freeze_tolerance else 0
         held = self.steps_within_tolerance >= atp.freeze_patience
-        # Past the end of control, freeze as soon as the target is met, up to a bounded extension
-        # (none when the closing ramp takes over).
-        closing = atp.closing_rate > 0
-        ended = self.step >= self.control_steps and (
-            gap <= atp.freeze_tolerance or closing or self.step >= self.control_cap
-        )
-        if not (held or ended):
-            return
-        self.sparsity_at_control_end = self.noise_free_sparsity
-        if gap > atp.freeze_tolerance and closing:
-            log.info(
-                "control ended at step %d with noise-free sparsity %.4f: closing the gap to %.4f along the "
-                "generator's ranking, %.4f per step", self.step, self.noise_free_sparsity, target, atp.closing_rate,
-            )
-            self.closing_sparsity = self.noise_free_sparsity
-            self._close_gap()
-            return
-        if gap > atp.freeze_tolerance:
-            log.warning(
-                "control ended at step %d with noise-free sparsity %.4f, %.4f from the target %.4f "
-                "(tolerance %.4f): freezing at most the tolerance away, the run misses its target",
-                self.step, self.noise_free_sparsity, gap, target, atp.freeze_tolerance,
-            )
-        self._freeze(self._reachable_sparsity())
-
-    def _close_gap(self) -> None:
-        """One step of the closing ramp: ``closing_rate`` nearer the target, then freeze on it.
-
-        The generator no longer trains; its noise-free ranking of units, fixed at the end of
-        control, decides which units go next, as magnitudes do in gradual magnitude pruning.
-        """
-        target, rate = self.config.atp.sparsity, self.config.atp.closing_rate
-        current = self.closing_sparsity
-        reached = min(target, current + rate) if current < target else max(target, current - rate)
-        if reached == target:
-            self.closing_sparsity = self.closing_masks = None
-            self._freeze(target)
-        else:
-            self._set_closing(reached)
-
-    def _set_closing(self, sparsity: float) -> None:
-        self.closing_sparsity = sparsity
-        self.closing_masks = self.context.broadcast_masks(self.generator.masks_at_sparsity(sparsity))
-        self.noise_free_sparsity = self.space.sparsity(self.closing_masks)
-
-    def _freeze(self, sparsity: float) -> None:
-        """Freeze the generator's noise-free mask at ``sparsity`` (MLP widths rounded as configured)."""
-        masks = self.generator.masks_at_sparsity(sparsity)
-        masks = round_mlp_channels(self.space, masks, self.config.atp.mlp_channel_multiple, self.generator.logits())
-        self.frozen_masks = self.context.broadcast_masks(masks)
-        self.freeze_step = self.step
-        self.noise_free_sparsity = self.space.sparsity(masks)
-        log.info("mask frozen at step %d: sparsity %.4f", self.step, self.noise_free_sparsity)
+        # Past the end of control, freeze as soon as the target is met, up to a bounded extension.
+        ended = self.step >= self.control_steps and (gap <= atp.freeze_tolerance or self.step >= self.control_cap)
+        if held or ended:
+            self.sparsity_at_control_end = self.noise_free_sparsity
+            if gap > atp.freeze_tolerance:
+                log.warning(
+                    "control ended at step %d with noise-free sparsity %.4f, %.4f from the target %.4f "
+                    "(tolerance %.4f): freezing at most the tolerance away, the run misses its target",
+                    self.step, self.noise_free_sparsity, gap, target, atp.freeze_tolerance,
+                )
+            masks = self.generator.masks_at_sparsity(self._reachable_sparsity())
+            masks = round_mlp_channels(self.space, masks, atp.mlp_channel_multiple, self.generator.logits())
+            self.frozen_masks = self.context.broadcast_masks(masks)
+            self.freeze_step = self.step
+            self.noise_free_sparsity = self.space.sparsity(masks)
+            log.info("mask frozen at step %d: sparsity %.4f", self.step, self.noise_free_sparsity)
 
     def _current_masks(self) -> Masks:
-        """The mask the run would end with if it froze now: the frozen one, the ramp's, else the freeze's cut."""
+        """The mask the run would end with if it froze now: the frozen one, else the freeze's cut."""
         if self.frozen_masks is not None:
             return self.frozen_masks
-        if self.closing_masks is not None:
-            return self.closing_masks
         return self.context.broadcast_masks(self.generator.masks_at_sparsity(self._reachable_sparsity()))
 
     def _reachable_sparsity(self) -> float:
@@ -511,8 +448,7 @@ class ATPRecipe:
     def _log(self, window: list[dict[str, float]], elapsed: float) -> None:
         if not self.context.is_main:
             return
-        phase = "frozen" if self.freeze_step is not None else "closing" if self.closing_sparsity is not None else "control"
-        row: dict[str, Any] = {"step": self.step, "phase": phase}
+        row: dict[str, Any] = {"step": self.step, "phase": "control" if self.freeze_step is None else "frozen"}
         for key in dict.fromkeys(k for m in window for k in m):  # eval keys appear on some steps only
             values = [m[key] for m in window if key in m]
             row[key] = sum(values) / len(values)
@@ -537,7 +473,6 @@ class ATPRecipe:
                 "sparsity_at_control_end": -1.0 if self.sparsity_at_control_end is None else self.sparsity_at_control_end,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,
                 "frozen_masks": frozen,
-                "closing_sparsity": -1.0 if self.closing_sparsity is None else self.closing_sparsity,
                 "log_window": self.log_window,
                 "rng": torch.get_rng_state(),
             }

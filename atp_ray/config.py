@@ -263,14 +263,6 @@ class ATPSettings(_Section):
         description="share of steps the control phase may run past its end while the noise-free mask "
         "misses the target by more than freeze_tolerance",
     )
-    closing_rate: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="when control ends short of the target: sparsity added per step along the frozen "
-        "generator's ranking of units until the target is met (0 = the generator keeps training instead, "
-        "for up to control_extension_fraction; README: Reaching the sparsity target gradually)",
-    )
     target_anneal_fraction: float = Field(
         0.5,
         ge=0,
