@@ -2,7 +2,7 @@
 
     python -m bench.atp_vs_two_step [--sparsities 0.2 0.4 0.6] [--seeds 0 1] [--max-samples 200]
     python -m bench.atp_vs_two_step --quick       # a tiny model, one sparsity (for tests)
-    python -m bench.atp_vs_two_step atp.closing_rate=0.005 --methods atp --sparsities 0.4  # one method, a variant
+    python -m bench.atp_vs_two_step atp.generator_every=2 --methods atp --sparsities 0.4  # one method, a variant
 
 Every run starts from configs/embedded.yaml and differs only in ``method`` (and
 ``baseline.importance``), ``atp.sparsity`` and ``train.seed``: ATP learns its mask while
