@@ -495,6 +495,7 @@ class ATPRecipe:
             "reached_target": abs(self.sparsity_at_control_end - self.config.atp.sparsity)
             <= self.config.atp.freeze_tolerance,
             "steps": self.step,
+            "cpu_threads": torch.get_num_threads(),  # what a CPU run's speed depends on
             **held_out,
         }
         with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3

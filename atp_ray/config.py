@@ -355,7 +355,12 @@ class DistributedConfig(_Section):
         "ddp", description="ddp (whole model per worker), zero2 (DeepSpeed ZeRO-2) or zero3 (base weights sharded too)"
     )
     use_gpu: bool = Field(False, description="one or more GPUs per worker (NCCL), else CPU workers (gloo)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs Ray reserves for each worker, which also sets its torch threads "
+        "(None: 1 for GPU workers; CPU workers share the cluster's CPUs in whole CPUs, each fitting on one node)",
+    )
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs Ray reserves for each worker when use_gpu")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="PACK workers onto few nodes, or SPREAD them over many"

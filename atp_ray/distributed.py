@@ -117,7 +117,8 @@ def run_distributed(
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     started_ray = _connect(address)
     try:
-        check_cluster(config, ray.cluster_resources())
+        cpus = worker_cpus(config, [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]])
+        check_cluster(config, ray.cluster_resources(), cpus)
         run_dir.mkdir(parents=True, exist_ok=True)
         user_callbacks = list(callbacks or []) + ([_ReportCallback(report)] if report else [])
         trainer = TorchTrainer(
@@ -128,7 +129,7 @@ def run_distributed(
                 "hooks": asdict(hooks or DebugHooks()),
             },
             torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-            scaling_config=scaling_config(config),
+            scaling_config=scaling_config(config, cpus),
             run_config=ray.train.RunConfig(
                 name=run_name or default_run_name(run_dir),
                 storage_path=dist.storage_path or str(run_dir / "ray"),
@@ -148,12 +149,31 @@ def run_distributed(
     return json.loads(RunFolder(run_dir).summary.read_text())
 
 
-def scaling_config(config: RunConfig) -> Any:
-    """Ray Train's ScalingConfig from the ``distributed`` section."""
+def worker_cpus(config: RunConfig, node_cpus: list[float]) -> float:
+    """CPUs each worker reserves: ``distributed.cpus_per_worker``, else a default that uses the CPUs there are.
+
+    Ray sets a worker's OMP_NUM_THREADS, and so torch's thread count, to the CPUs it
+    reserves. At Ray Train's default of one, a one-worker run on a 2-core laptop trains on
+    one thread. So CPU workers share the cluster's CPUs: the most whole CPUs each such that
+    every worker still fits on one node. GPU workers compute on their GPU and take one.
+    """
+    dist = config.distributed
+    if dist.cpus_per_worker is not None:
+        return dist.cpus_per_worker
+    if dist.use_gpu:
+        return 1.0
+    per_worker = max(1, int(sum(node_cpus) // dist.workers))
+    while per_worker > 1 and sum(int(cpus // per_worker) for cpus in node_cpus) < dist.workers:
+        per_worker -= 1
+    return float(per_worker)
+
+
+def scaling_config(config: RunConfig, cpus_per_worker: float) -> Any:
+    """Ray Train's ScalingConfig from the ``distributed`` section and the CPUs each worker reserves."""
     from ray.train import ScalingConfig
 
     dist = config.distributed
-    resources: dict[str, float] = {"CPU": dist.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": cpus_per_worker}
     if dist.use_gpu:
         resources["GPU"] = dist.gpus_per_worker
     return ScalingConfig(
@@ -177,16 +197,16 @@ def preflight(config: RunConfig, run_dir: Path) -> None:
     RunFolder(run_dir).check_can_run(config.to_dict())
 
 
-def check_cluster(config: RunConfig, cluster: dict[str, float]) -> None:
+def check_cluster(config: RunConfig, cluster: dict[str, float], cpus_per_worker: float) -> None:
     """The workers' total CPUs and GPUs must exist in the cluster, or Ray would wait forever."""
     dist = config.distributed
-    asked = {"CPU": dist.workers * dist.cpus_per_worker}
+    asked = {"CPU": dist.workers * cpus_per_worker}
     if dist.use_gpu:
         asked["GPU"] = dist.workers * dist.gpus_per_worker
     for resource, amount in asked.items():
         have = cluster.get(resource, 0.0)
         if amount > have:
-            per = dist.gpus_per_worker if resource == "GPU" else dist.cpus_per_worker
+            per = dist.gpus_per_worker if resource == "GPU" else cpus_per_worker
             raise DistributedRunError(
                 f"distributed: {dist.workers} workers x {per:g} {resource} need {amount:g} {resource}, "
                 f"the Ray cluster has {have:g}"

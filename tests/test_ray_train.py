@@ -32,6 +32,7 @@ from atp_ray.distributed import (
     init_ray,
     preflight,
     run_distributed,
+    worker_cpus,
 )
 from atp_ray.run_folder import RunFolder
 
@@ -134,7 +135,8 @@ class ControllerPollInterval(UserCallback):
 def test_one_worker_equals_one_process(ray_local, tiny_model_dir, tmp_path):
     """A 1-worker DDP run through Ray Train is the one-process run: same mask, same losses (100 s here).
 
-    Its controller also polls at atp-ray's interval, not Ray's 2 s (which added seconds to every run's end).
+    Its controller also polls at atp-ray's interval, not Ray's 2 s (which added seconds to every run's end),
+    and its one worker trains on all the CPUs there are, not on Ray's default of one.
     """
     raw = tiny_run_config(tiny_model_dir, train={"steps": 12, "checkpoint_every": 5})
     local = run_atp(load_config(raw), tmp_path / "local")
@@ -142,6 +144,7 @@ def test_one_worker_equals_one_process(ray_local, tiny_model_dir, tmp_path):
     poll = tmp_path / "controller-poll-interval"
     ray_run = run_distributed(load_config(raw), tmp_path / "ray", callbacks=[ControllerPollInterval(poll)])
     assert poll.read_text() == CONTROLLER_POLL_S
+    assert ray_run["cpu_threads"] == 2  # the session's Ray has 2 CPUs; Ray's default of 1 CPU would give 1
     masks = [json.loads(RunFolder(tmp_path / name).mask.read_text()) for name in ("local", "ray")]
     assert masks[0] == masks[1]
     assert ray_run["eval_loss"] == pytest.approx(local["eval_loss"], rel=1e-5)
@@ -215,13 +218,30 @@ def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_pat
         assert result["lasso"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("distributed", "node_cpus", "expected"),
+    [
+        ({"workers": 1}, [2.0], 2.0),  # a laptop: the one worker trains on both cores
+        ({"workers": 2}, [2.0], 1.0),
+        ({"workers": 3}, [2.0], 1.0),  # more workers than CPUs: the cluster check reports it
+        ({"workers": 3}, [8.0, 8.0], 4.0),  # 16 // 3 = 5 would fit one worker per node
+        ({"workers": 4}, [2.0, 16.0, 16.0], 8.0),  # a small head node holds none
+        ({"workers": 2, "use_gpu": True}, [16.0], 1.0),  # GPU workers compute on the GPU
+        ({"workers": 1, "cpus_per_worker": 0.5}, [16.0], 0.5),  # the user's value wins
+    ],
+)
+def test_worker_cpus_default_uses_the_cluster(tiny_model_dir, distributed, node_cpus, expected):
+    config = load_config(tiny_run_config(tiny_model_dir, distributed=distributed))
+    assert worker_cpus(config, node_cpus) == expected
+
+
 def test_preflight_refuses_before_any_worker_starts(tiny_model_dir, tmp_path, monkeypatch):
     raw = tiny_run_config(tiny_model_dir, distributed={"workers": 2, "strategy": "zero3"})
     config = load_config(raw)
     with pytest.raises(DistributedRunError, match="need 2 GPU, the Ray cluster has 0"):
-        check_cluster(load_config({**raw, "distributed": {"workers": 2, "use_gpu": True}}), {"CPU": 16.0})
+        check_cluster(load_config({**raw, "distributed": {"workers": 2, "use_gpu": True}}), {"CPU": 16.0}, 1.0)
     with pytest.raises(DistributedRunError, match="need 4 CPU, the Ray cluster has 2"):
-        check_cluster(load_config({**raw, "distributed": {"workers": 2, "cpus_per_worker": 2}}), {"CPU": 2.0})
+        check_cluster(load_config({**raw, "distributed": {"workers": 2}}), {"CPU": 2.0}, 2.0)
     import atp_ray.distributed as distributed
 
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
