@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from conftest import tiny_run_config
@@ -56,3 +57,20 @@ def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_d
     out = capsys.readouterr().out
     names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
     assert names[0] == "dense" and names[1].startswith("run (") and names[2].startswith("run x8 (")
+
+
+def test_train_overhead_quick_times_both_paths_and_the_cli(tiny_model_dir):
+    """In a process of its own: the bench starts and stops its own Ray instances (the session's stays apart)."""
+    argv = [sys.executable, "-m", "bench.train_overhead", "--quick", "--cli", "--model", str(tiny_model_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].split(":")[0].strip() for r in rows] == [
+        "direct (one process, imports paid)",
+        "Ray Train, 1 worker",
+        "Ray Train, 1 worker",
+        "`atp-ray train` (a new process)",
+        "`atp-ray train --workers 1` (a new process)",
+    ]
+    assert rows[0][2].strip() == rows[3][2].strip() == "1.00"  # each reference over itself
+    assert all(float(r[1]) > 0 for r in rows)
