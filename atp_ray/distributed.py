@@ -219,7 +219,10 @@ def _connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    init_ray(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    # A local instance gets Ray's dashboard (on 127.0.0.1) as `atp-ray search` does: it serves the
+    # State API that Ray Train's placement-group cleaner polls, which without it logs a warning
+    # every few seconds; and it shows the run (http://127.0.0.1:8265).
+    init_ray(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     return True
 
 

@@ -266,6 +266,25 @@ def test_cli_bad_distributed_input_exits_2(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_workers_run_starts_its_own_ray_and_finishes_quietly(tiny_model_dir, tmp_path):
+    """`atp-ray train --workers 1` with no cluster: a local Ray for the run, a finished run folder, and no
+    warning every few seconds from Ray Train's placement-group cleaner (which needs the dashboard's State API)."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, train={"steps": 12, "checkpoint_every": 4})))
+    result = subprocess.run(
+        [sys.executable, "-m", "atp_ray.cli", "train", "--config", str(config_file), "--out", str(tmp_path / "run")]
+        + ["--workers", "1"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        | {"RAY_TMPDIR": tempfile.mkdtemp(prefix="atpt-", dir="/tmp")},  # short: Ray's socket paths
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run finished" in result.stdout and RunFolder(tmp_path / "run").is_finished()
+    assert "Failed to query Ray Train Controller" not in result.stderr
+
+
 def test_ray_started_by_atp_ray_runs_its_workers_at_normal_priority(ray_local):
     """The session's Ray comes from init_ray: its workers must not sit at Ray's default nice 15."""
     nice = ray_local.get(ray_local.remote(lambda: os.nice(0)).remote())
