@@ -38,7 +38,7 @@ from atp_ray.config import RunConfig
 from atp_ray.data import BatchStream, build_splits
 from atp_ray.evaluate import perplexity
 from atp_ray.generator import PruningGenerator, detach_masks
-from atp_ray.importance import IMPORTANCE, importance_masks
+from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_tokenizer
@@ -132,7 +132,11 @@ class ATPRecipe:
             getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters() if "lora_" not in n
         )
         self.generator = PruningGenerator(
-            self.space, width=cfg.atp.generator_width, temperature=cfg.atp.temperature, base=cfg.atp.base
+            self.space,
+            width=cfg.atp.generator_width,
+            temperature=cfg.atp.temperature,
+            base=cfg.atp.base,
+            prior=self._importance_prior(self.model),
         ).to(self.device)
 
         self.lora_optimizer = torch.optim.AdamW(
@@ -170,18 +174,36 @@ class ATPRecipe:
             return None
         if cfg.method == "lora":
             return {g: m.to(self.device) for g, m in self.space.full_masks().items()}
-        batches = [self._to_device(self.calibration_stream.batch(i)) for i in range(cfg.baseline.calibration_batches)]
         with _autocast(cfg.train.precision, self.device):
             masks = importance_masks(
                 model,
                 self.space,
                 cfg.atp.sparsity,
                 IMPORTANCE[cfg.baseline.importance],
-                batches,
+                self._calibration_batches(),
                 cfg.atp.mlp_channel_multiple,
             )
         log.info("%s mask (%s): sparsity %.4f", cfg.method, cfg.baseline.importance, self.space.sparsity(masks))
         return self.context.broadcast_masks(masks)  # ranks scored different calibration shards
+
+    def _importance_prior(self, model: torch.nn.Module) -> dict[UnitGroup, torch.Tensor] | None:
+        """ATP's optional start: Taylor scores of the untuned model rank each layer's units (atp.importance_prior).
+
+        Off by default: on the embedded default at 40% (importance_prior 3, two seeds) it took held-out
+        perplexity from 65.5 to 54.7 but the quiz from 0.39 to 0.34 (README: ATP against prune-then-tune).
+        """
+        cfg = self.config
+        if cfg.method != "atp" or cfg.atp.importance_prior == 0:
+            return None
+        with _autocast(cfg.train.precision, self.device):
+            scores = IMPORTANCE["taylor"].score(model, self.space, self._calibration_batches())
+        prior = importance_prior(self.space, scores, cfg.atp.importance_prior)
+        return self.context.broadcast_masks(prior)  # per-unit tensors like masks: rank 0's shard decides
+
+    def _calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The first baseline.calibration_batches calibration batches: what importance scores average over."""
+        count = self.config.baseline.calibration_batches
+        return [self._to_device(self.calibration_stream.batch(i)) for i in range(count)]
 
     def _prepare_folder(self) -> None:
         folder = self.folder

@@ -289,6 +289,13 @@ class ATPSettings(_Section):
         "one LoRA update whose backward also gives the generator its gradient (one LLM pass instead of "
         "two; README: ATP's own cost)",
     )
+    importance_prior: float = Field(
+        0.0,
+        ge=0,
+        description="scale of a first-order Taylor prior added to the generator's logits: per layer and unit "
+        "kind, the standardised log Taylor scores on baseline.calibration_batches (0 = none; README: ATP "
+        "against prune-then-tune)",
+    )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")
@@ -403,6 +410,16 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    @model_validator(mode="after")
+    def _scores_read_whole_weights(self) -> RunConfig:
+        scored = self.method == "two-step" or (self.method == "atp" and self.atp.importance_prior > 0)
+        if scored and self.distributed.strategy == "zero3":
+            raise ValueError(
+                "two-step and atp.importance_prior score units on whole base weights, which strategy zero3 "
+                "shards: use distributed.strategy ddp or zero2"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -450,6 +467,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: required"
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key (got {error['input']!r})"
+    if isinstance(error["input"], dict):  # a rule across keys: its message names the values
+        return f"{where}: {error['msg'].lower()}"
     return f"{where}: {error['msg'].lower()} (got {error['input']!r})"
 
 

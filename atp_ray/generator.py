@@ -8,6 +8,8 @@ those heads depend on the model's shape, so one design serves any model size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +61,7 @@ class PruningGenerator(nn.Module):
         num_encoder_layers: int = 2,
         temperature: float = 0.4,
         base: float = 3.0,
+        prior: Mapping[UnitGroup, Tensor] | None = None,
     ):
         super().__init__()
         self.space = space
@@ -74,11 +77,18 @@ class PruningGenerator(nn.Module):
         self.encoder = nn.TransformerEncoder(block, num_encoder_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.heads = nn.ModuleDict({_head_key(g): nn.Linear(width, g.size, bias=False) for g in space.groups})
+        # A fixed offset per unit (an importance ranking to start from), saved with the weights.
+        self.has_prior = prior is not None
+        for group, offsets in (prior or {}).items():
+            self.register_buffer(f"prior_{_head_key(group)}", offsets.detach().clone())
 
     def logits(self) -> dict[UnitGroup, Tensor]:
         """One logit per unit, keyed by unit group."""
         hidden = self.norm(self.encoder(self.layer_codes.unsqueeze(0)).squeeze(0))  # [layers, width]
-        return {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
+        logits = {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
+        if self.has_prior:
+            logits = {g: logit + getattr(self, f"prior_{_head_key(g)}") for g, logit in logits.items()}
+        return logits
 
     def forward(self, generator: torch.Generator | None = None) -> dict[UnitGroup, Tensor]:
         """Hard masks with straight-through gradients; noisy only in training mode."""

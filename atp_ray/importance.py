@@ -90,3 +90,19 @@ def importance_masks(
 ) -> dict[UnitGroup, Tensor]:
     """The two-step baseline's hard mask: ``sparsity`` removed, lowest-importance units first, uniform per layer."""
     return uniform_masks(space, importance.score(model, space, batches), sparsity, channel_multiple)
+
+
+def importance_prior(space: PruningSpace, scores: Sequence[Mapping[UnitKind, Tensor]], scale: float) -> dict[UnitGroup, Tensor]:
+    """Logit offsets that rank each group's units as ``scores`` do: ``scale`` x the standardised log score.
+
+    Scores are comparable only within one kind of one layer, so each group is standardised on
+    its own (a group of one unit gets 0); the generator still learns how much to cut per layer.
+    """
+    prior = {}
+    for group in space.groups:
+        log_scores = torch.log(scores[group.layer][group.kind].float() + 1e-12)
+        if group.size == 1:
+            prior[group] = torch.zeros_like(log_scores)
+            continue
+        prior[group] = scale * (log_scores - log_scores.mean()) / (log_scores.std() + 1e-6)
+    return prior

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import FinishedRun, tiny_run_config
+from conftest import FinishedRun, make_tiny_model, make_tiny_tokenizer, tiny_run_config
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -20,7 +20,7 @@ from atp_ray.config import load_config
 from atp_ray.errors import RunFolderError
 from atp_ray.generator import PruningGenerator
 from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace
+from atp_ray.structures import PruningSpace, UnitKind
 
 
 def _rows(folder: RunFolder) -> list[dict]:
@@ -269,3 +269,29 @@ def test_bf16_autocast_takes_effect(tiny_model_dir, tmp_path):
     assert dtypes == {torch.bfloat16}
     rows = _rows(RunFolder(tmp_path / "run"))
     assert all(math.isfinite(r["loss"]) for r in rows) and math.isfinite(summary["eval_loss"])
+
+
+def test_importance_prior_starts_from_taylor_and_resumes_exactly(tmp_path, monkeypatch):
+    """atp.importance_prior: channel 0 of layer 0 is dead (zero up row), so Taylor ranks it last; the
+    prior the run saves says so and the run cuts it. Interrupted in control and resumed, the run ends
+    bit-identical to an uninterrupted one (the prior is rebuilt, then the checkpoint's is loaded)."""
+    model = make_tiny_model("llama-gqa")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0] = 0
+    model.save_pretrained(tmp_path / "model")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "model")
+    raw = tiny_run_config(tmp_path / "model", atp={"importance_prior": 5.0}, train={"steps": 20, "checkpoint_every": 5})
+    reference = RunFolder(tmp_path / "reference")
+    run_atp(load_config(raw), reference.root)
+    prior = load_file(reference.generator)["prior_layer0_mlp_channel"]
+    assert int(prior.argmin()) == 0 and float(prior[0]) < -5
+    space = PruningSpace.from_config(model.config)
+    assert reference.read_mask(space)[space.group(0, UnitKind.MLP_CHANNEL)][0] == 0
+
+    folder = RunFolder(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        _stop_after_checkpoint(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_atp(load_config(raw), folder.root)
+    run_atp(load_config(raw), folder.root)
+    assert_same_run(folder, reference)

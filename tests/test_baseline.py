@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +14,10 @@ from atp_ray.cli import main
 from atp_ray.compress import read_record
 from atp_ray.config import IMPORTANCE_CRITERIA, load_config
 from atp_ray.errors import ConfigError
-from atp_ray.importance import IMPORTANCE, importance_masks
+from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
 from atp_ray.modeling import load_model
 from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.structures import PruningSpace, UnitGroup, UnitKind
 
 
 def _batches(model, count=2, batch=2, seq=16):
@@ -122,3 +123,18 @@ def test_lora_method_prunes_nothing(tiny_model_dir, tmp_path):
     assert summary["sparsity"] == 0 and summary["kept_prunable_params"] == space.prunable_params
     assert all(bool(m.all()) for m in folder.read_mask(space).values())
     assert all(r["sparsity"] == 0 for r in _rows(folder))
+
+
+def test_importance_prior_ranks_each_group_as_its_scores_and_scales():
+    model = make_tiny_model("llama-gqa")
+    space = PruningSpace.from_config(model.config)
+    scores = IMPORTANCE["taylor"].score(model, space, _batches(model))
+    prior = importance_prior(space, scores, 2.0)
+    assert set(prior) == set(space.groups)
+    for group, offsets in prior.items():
+        own = scores[group.layer][group.kind]
+        assert torch.equal(offsets.argsort(), own.argsort())  # the same order as the scores, per group
+        assert float(offsets.mean()) == pytest.approx(0.0, abs=1e-4)
+        assert float(offsets.std()) == pytest.approx(2.0, rel=1e-3)  # the scale is the spread
+    lone = SimpleNamespace(groups=[UnitGroup(0, UnitKind.KV_GROUP, 1)])  # e.g. one KV head per layer
+    assert torch.equal(importance_prior(lone, [{UnitKind.KV_GROUP: torch.tensor([3.0])}], 2.0)[lone.groups[0]], torch.zeros(1))

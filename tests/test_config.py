@@ -107,6 +107,10 @@ def test_distributed_section_rules(tiny_model_dir, tmp_path):
     )
     config = load_config({"model": model}, ["distributed.workers=4", "distributed.strategy=zero2"])
     assert (config.distributed.workers, config.distributed.strategy) == (4, "zero2")
+    zero3 = {"workers": 2, "strategy": "zero3"}
+    for scored in ({"method": "two-step"}, {"atp": {"importance_prior": 3.0}}):
+        assert "which strategy zero3 shards" in _problems({"model": model, "distributed": zero3, **scored})
+    load_config({"model": model, "distributed": zero3})  # ATP without the prior reads no base weight
 
 
 def test_config_error_survives_a_pickle_round_trip_with_its_problems():

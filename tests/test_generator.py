@@ -56,3 +56,21 @@ def test_masks_at_sparsity_meet_the_budget(space, target):
             head.weight.normal_(0, 1.0)
     masks = generator.masks_at_sparsity(target)
     assert space.sparsity(masks) == pytest.approx(target, abs=0.03)
+
+
+def test_a_prior_offsets_the_logits_and_travels_with_the_weights(space):
+    prior = {g: torch.linspace(-1.0, 1.0, g.size) * 5 for g in space.groups}
+    torch.manual_seed(0)
+    plain = PruningGenerator(space)
+    torch.manual_seed(0)
+    primed = PruningGenerator(space, prior=prior)
+    plain_logits, primed_logits = plain.logits(), primed.logits()
+    assert all(torch.allclose(primed_logits[g], plain_logits[g] + prior[g]) for g in space.groups)
+    # At half the budget the lowest-prior units go first: the prior outweighs a fresh generator's logits.
+    masks = primed.masks_at_sparsity(0.5)
+    channels = next(g for g in space.groups if g.kind.value == "mlp_channel")
+    assert masks[channels][0] == 0 and masks[channels][-1] == 1
+    # Saved and restored with the weights (generator.safetensors, checkpoints).
+    again = PruningGenerator(space, prior={g: torch.zeros(g.size) for g in space.groups})
+    again.load_state_dict(primed.state_dict())
+    assert all(torch.equal(again.logits()[g], primed_logits[g]) for g in space.groups)
