@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
 from conftest import tiny_run_config
 
 from atp_ray.atp import run_atp
@@ -13,7 +14,11 @@ from atp_ray.config import load_config
 
 def _run(monkeypatch, module, argv: list[str]) -> None:
     monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
-    module.main()
+    threads = torch.get_num_threads()
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(threads)  # a bench's --threads must not slow the tests after it
 
 
 def test_atp_cost_quick_prints_its_ratio_table(monkeypatch, capsys):
