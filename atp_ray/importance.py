@@ -5,7 +5,8 @@ A criterion is a small object with one method, chosen by name from :data:`IMPORT
 rest of the package prunes (atp_ray.layout says which weights each unit owns), and
 :func:`importance_masks` cuts them with the uniform per-layer solver of
 atp_ray.magnitude, so a baseline keeps the same number of parameters as an ATP run at
-the same sparsity. Scores rank units within one kind of one layer only.
+the same sparsity. Scores rank units within one kind of one layer only. ATP may start its
+generator from them too (:func:`importance_prior`, ``atp.importance_prior``).
 """
 
 from __future__ import annotations
