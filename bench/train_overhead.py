@@ -75,12 +75,13 @@ def time_cli(config_file: Path, out: Path, workers: int | None) -> float:
     """``atp-ray train`` as a new process, as a user runs it; its local Ray (if any) under a temp dir of its own."""
     command = [sys.executable, "-m", "atp_ray.cli", "train", "--config", str(config_file), "--out", str(out)]
     command += ["--workers", str(workers)] if workers else []
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="atpb-", dir="/tmp")}  # short: socket paths
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="atpb-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
+        start = time.perf_counter()
+        done = subprocess.run(command, env={**os.environ, "RAY_TMPDIR": ray_tmp}, capture_output=True, text=True)
+        wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return wall
 
 
 def main() -> None:
