@@ -394,25 +394,31 @@ class ATPRecipe:
     def _maybe_freeze(self) -> None:
         """Freeze the mask at the end of control, or early once the generator holds the target.
 
-        The freeze moves the noise-free mask at most ``freeze_tolerance`` towards the target:
-        a generator that fell short is reported (log warning, summary.json), never rescued by
-        cutting many units in one step that LoRA has not adapted to.
+        Early, the noise-free mask must hold the target within ``freeze_tolerance`` for
+        ``freeze_patience`` steps. At the end of control a mask past the target also freezes:
+        the freeze gives the surplus units back in the generator's order, which restores
+        pretrained weights rather than cutting any. A mask short of the target moves at most
+        ``freeze_tolerance`` towards it: that generator is reported (log warning,
+        summary.json), never rescued by cutting many units in one step that LoRA has not
+        adapted to.
         """
         atp = self.config.atp
         target = atp.sparsity
         self.noise_free_sparsity = self.space.sparsity(self.generator.deterministic_masks())
-        gap = abs(self.noise_free_sparsity - target)
-        self.steps_within_tolerance = self.steps_within_tolerance + 1 if gap <= atp.freeze_tolerance else 0
+        shortfall = target - self.noise_free_sparsity
+        on_target = abs(shortfall) <= atp.freeze_tolerance
+        reachable = shortfall <= atp.freeze_tolerance  # on target or past it
+        self.steps_within_tolerance = self.steps_within_tolerance + 1 if on_target else 0
         held = self.steps_within_tolerance >= atp.freeze_patience
-        # Past the end of control, freeze as soon as the target is met, up to a bounded extension.
-        ended = self.step >= self.control_steps and (gap <= atp.freeze_tolerance or self.step >= self.control_cap)
+        # Past the end of control, freeze as soon as the target is reachable, up to a bounded extension.
+        ended = self.step >= self.control_steps and (reachable or self.step >= self.control_cap)
         if held or ended:
             self.sparsity_at_control_end = self.noise_free_sparsity
-            if gap > atp.freeze_tolerance:
+            if not reachable:
                 log.warning(
-                    "control ended at step %d with noise-free sparsity %.4f, %.4f from the target %.4f "
-                    "(tolerance %.4f): freezing at most the tolerance away, the run misses its target",
-                    self.step, self.noise_free_sparsity, gap, target, atp.freeze_tolerance,
+                    "control ended at step %d with noise-free sparsity %.4f, %.4f short of the target %.4f "
+                    "(tolerance %.4f): freezing at most the tolerance nearer, the run misses its target",
+                    self.step, self.noise_free_sparsity, shortfall, target, atp.freeze_tolerance,
                 )
             masks = self.generator.masks_at_sparsity(self._reachable_sparsity())
             masks = round_mlp_channels(self.space, masks, atp.mlp_channel_multiple, self.generator.logits())
@@ -428,9 +434,8 @@ class ATPRecipe:
         return self.context.broadcast_masks(self.generator.masks_at_sparsity(self._reachable_sparsity()))
 
     def _reachable_sparsity(self) -> float:
-        """The target, or as near to it as a freeze may move the noise-free mask (freeze_tolerance)."""
-        tolerance, noise_free = self.config.atp.freeze_tolerance, self.noise_free_sparsity
-        return min(max(self.config.atp.sparsity, noise_free - tolerance), noise_free + tolerance)
+        """The target, or, for a mask short of it, as near as a freeze may cut (freeze_tolerance)."""
+        return min(self.config.atp.sparsity, self.noise_free_sparsity + self.config.atp.freeze_tolerance)
 
     def _params_kept(self, masks: Masks) -> float:
         """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
@@ -514,7 +519,7 @@ class ATPRecipe:
             "prunable_params": self.space.prunable_params,
             "freeze_step": self.freeze_step,
             "sparsity_at_control_end": self.sparsity_at_control_end,
-            "reached_target": abs(self.sparsity_at_control_end - self.config.atp.sparsity)
+            "reached_target": self.config.atp.sparsity - self.sparsity_at_control_end
             <= self.config.atp.freeze_tolerance,
             "steps": self.step,
             "cpu_threads": torch.get_num_threads(),  # what a CPU run's speed depends on

@@ -261,7 +261,7 @@ class ATPSettings(_Section):
         ge=0,
         le=1,
         description="share of steps the control phase may run past its end while the noise-free mask "
-        "misses the target by more than freeze_tolerance",
+        "is short of the target by more than freeze_tolerance (one past it freezes onto it)",
     )
     target_anneal_fraction: float = Field(
         0.5,

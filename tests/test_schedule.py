@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_old_schedule_stalls_on_a_model_that_resists_pruning_and_the_new_one_doe
     old = _run(trained_model_dir, tmp_path / "old", ratio_weight=1.0, **OLD_SCHEDULE)
     new = _run(trained_model_dir, tmp_path / "new", ratio_weight=1.0)
     assert not old["reached_target"] and old["sparsity_at_control_end"] < 0.37
-    assert new["reached_target"] and abs(new["sparsity_at_control_end"] - 0.4) <= 0.01
+    assert new["reached_target"] and new["sparsity_at_control_end"] >= 0.39  # on target, or past it
     assert abs(new["sparsity"] - 0.4) <= 0.01
     # Gradual: the noise-free sparsity climbs with the annealed target instead of jumping at the freeze.
     control = [r for r in _rows(RunFolder(tmp_path / "new")) if r["phase"] == "control"]
@@ -86,6 +87,21 @@ def test_frozen_generator_is_flagged_and_not_cut_at_the_freeze(tiny_model_dir, t
     assert any("misses its target" in r.getMessage() for r in caplog.records)
     written = json.loads(RunFolder(tmp_path / "run").summary.read_text())
     assert written["reached_target"] is False and written["sparsity_at_control_end"] == pytest.approx(0.0)
+
+
+def test_a_mask_past_the_target_is_frozen_on_it_when_control_ends(tiny_model_dir, tmp_path, caplog):
+    """A strong importance prior and a frozen generator hold the noise-free mask near 0.55 for a
+    0.2 target: at the end of control the freeze gives the surplus units back, on target, and
+    the run does not wait out its extension nor report a miss."""
+    raw = tiny_run_config(tiny_model_dir, atp={"sparsity": 0.2, "generator_lr": 0.0, "importance_prior": 20.0})
+    config = load_config(raw)
+    with caplog.at_level(logging.WARNING, logger="atp_ray.atp"):
+        summary = run_atp(config, tmp_path / "run")
+    assert summary["sparsity_at_control_end"] > 0.45  # the generator overshot by far
+    assert summary["freeze_step"] == math.ceil(config.train.steps * config.atp.control_fraction)
+    assert abs(summary["sparsity"] - 0.2) <= 0.04  # on target, up to one unit's worth
+    assert summary["reached_target"] is True
+    assert not any("misses its target" in r.getMessage() for r in caplog.records)
 
 
 def test_every_metrics_row_carries_the_noise_free_sparsity(tiny_model_dir, tmp_path):
