@@ -416,7 +416,7 @@ class RunConfig(_Section):
         if scored and self.distributed.strategy == "zero3":
             raise ValueError(
                 "two-step and atp.importance_prior score units on whole base weights, which strategy zero3 "
-                "shards: use distributed.strategy ddp or zero2"
+                "shards: use distributed.strategy ddp or zero2 (or, for atp, atp.importance_prior=0)"
             )
         return self
 

@@ -113,6 +113,16 @@ def test_distributed_section_rules(tiny_model_dir, tmp_path):
     load_config({"model": model, "distributed": zero3})  # ATP without the prior reads no base weight
 
 
+def test_embedded_config_under_zero3_is_refused_with_the_fix_named():
+    """configs/embedded.yaml ships the importance prior, which ZeRO-3 cannot score: the error
+    names the override that makes the same config run there."""
+    embedded = REPO / "configs" / "embedded.yaml"
+    zero3 = ["distributed.workers=2", "distributed.strategy=zero3"]
+    with pytest.raises(ConfigError, match=r"atp\.importance_prior=0"):
+        load_config(embedded, zero3)
+    assert load_config(embedded, [*zero3, "atp.importance_prior=0"]).atp.importance_prior == 0
+
+
 def test_config_error_survives_a_pickle_round_trip_with_its_problems():
     """Ray hands a worker's exception to the driver pickled: the problem list must come back whole."""
     import pickle
