@@ -16,9 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_embedded_config_runs_and_lands_on_target(tmp_path):
-    config = load_config(REPO / "configs" / "embedded.yaml", ["train.steps=6", "atp.control_fraction=0.5"])
+    """Six steps are too few to climb to the shipped 0.3 (a short mask is never cut by more than
+    the tolerance), but the importance prior starts the mask past 0.1: that target is passed
+    at once, and the freeze gives the surplus back, onto the target."""
+    overrides = ["train.steps=6", "atp.control_fraction=0.5", "atp.sparsity=0.1"]
+    config = load_config(REPO / "configs" / "embedded.yaml", overrides)
     summary = run_atp(config, tmp_path / "run")
-    assert abs(summary["sparsity"] - config.atp.sparsity) <= 0.02
+    assert summary["sparsity_at_control_end"] > 0.11 and summary["reached_target"]
+    assert abs(summary["sparsity"] - 0.1) <= 0.02
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6
 
