@@ -79,7 +79,6 @@ def sampler_study(name: str, trials: int, seed: int, base: dict[str, Any], work:
     import optuna
 
     from atp_ray.search.space import SearchSpace
-    from atp_ray.search.tuner import make_sampler
     from atp_ray.trial import run_trial
 
     space = SearchSpace.model_validate(
@@ -87,7 +86,7 @@ def sampler_study(name: str, trials: int, seed: int, base: dict[str, Any], work:
          "sampler": {"name": name, "seed": seed}, "trials": trials}
     )
     distributions = {k: v.optuna_distribution() for k, v in space.searched.items()}
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(space))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=space.sampler_factory()())
     for number in range(trials):
         trial = study.ask(distributions)
         values = run_trial(space.run_config(trial.params, base), work / f"{name}-{seed}-{number}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-import optuna
 from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.tuner import StudySearch
 
 METRICS = ["quality", "params"]
@@ -19,7 +19,7 @@ def make_search(path, max_concurrent=8):
         space={"atp.sparsity": FloatDistribution(0.1, 0.9)},
         metric=METRICS,
         mode=["min", "min"],
-        sampler=optuna.samplers.RandomSampler(seed=0),
+        sampler_factory=SamplerFactory("random", seed=0, population_size=2),
         study_name="s",
         storage=JournalStorage(JournalFileBackend(str(path / "study.journal"))),
         max_concurrent=max_concurrent,

@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from atp_ray.config import RunConfig, _describe, _read_mapping, load_config
 from atp_ray.errors import ConfigError
 from atp_ray.search.objectives import OBJECTIVES, Objective
+from atp_ray.search.samplers import SAMPLERS, SamplerFactory, default_population
 
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _FIELDS = {"uniform": "uniform", "loguniform": "loguniform", "int": "integer", "choice": "choice", "fixed": "fixed"}
 
@@ -166,6 +166,11 @@ class SearchSpace(_Strict):
     mlflow: MLflowSpec | None = None
 
     # -- derived ------------------------------------------------------------------------
+    def sampler_factory(self) -> SamplerFactory:
+        """The picklable recipe for this space's seeded sampler."""
+        spec = self.sampler
+        return SamplerFactory(spec.name, spec.seed, spec.population_size or default_population(self.trials))
+
     def objective_list(self) -> list[Objective]:
         return [
             Objective(o.name, o.mode or OBJECTIVES[o.name].mode, o.task, o.max_samples) for o in self.objectives

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -106,21 +107,6 @@ def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -
 # -- the searcher -----------------------------------------------------------------------------
 
 
-def make_sampler(space: SearchSpace) -> Any:
-    """The seeded Optuna sampler the space names."""
-    import optuna
-
-    spec = space.sampler
-    population = spec.population_size or min(50, max(2, space.trials // 4))
-    samplers = {
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=population),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True, multivariate=True),
-        "gp": lambda: optuna.samplers.GPSampler(seed=spec.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-    }
-    return samplers[spec.name]()
-
-
 class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about every trial and limits concurrency itself.
 
@@ -132,11 +118,43 @@ class StudySearch(OptunaSearch):
       would drop the completions of resumed trials).
     - After a restore, study trials that the saved searcher never knew (asked just before the
       driver died) are marked FAIL: Tune suggests their replacements, so the budget holds.
+    - The sampler is never pickled: the searcher holds ``sampler_factory`` (picklable) and its
+      saved state keeps study trial ids, not the study; both are rebuilt from the journal.
     """
 
-    def __init__(self, *args: Any, max_concurrent: int = 1, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, sampler_factory: Callable[[], Any], max_concurrent: int = 1, **kwargs: Any):
+        self.sampler_factory = sampler_factory
         self.max_concurrent = max_concurrent
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        self._sampler = self.sampler_factory()
+        super()._setup_study(mode)
+
+    # -- pickling: Tune pickles the searcher when the Tuner starts and saves it with every
+    # experiment checkpoint; neither may reach the sampler (or the study, which holds it).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_sampler=None, _ot_study=None, _study_open=self._ot_study is not None)
+        state["_ot_trials"] = {tid: trial._trial_id for tid, trial in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import optuna
+
+        state = dict(state)
+        study_open = state.pop("_study_open")
+        self.__dict__.update(state)
+        if not study_open:  # not set up yet: set_search_properties will
+            return
+        self._sampler = self.sampler_factory()
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        # a saved trial comes back as the study's record of it (params, distributions, number)
+        self._ot_trials = {tid: self._storage.get_trial(ot_id) for tid, ot_id in state["_ot_trials"].items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__getstate__(), file)
 
     def suggest(self, trial_id: str) -> dict | None:
         live = set(self._ot_trials) - self._completed_trials
@@ -151,7 +169,7 @@ class StudySearch(OptunaSearch):
         values = _final_values(result, self.metric) if not error else None
         if trial_id in self._completed_trials:
             if values is not None:  # an errored trial retried to the end: record its result too
-                old = self._ot_trials[trial_id]
+                old = self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number]
                 self._ot_study.add_trial(
                     optuna.trial.create_trial(
                         params=old.params, distributions=old.distributions, values=values, state=TrialState.COMPLETE
@@ -166,7 +184,7 @@ class StudySearch(OptunaSearch):
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL if error else TrialState.PRUNED
         if state != TrialState.COMPLETE and result and result.get("final") == 1.0:
             state = TrialState.FAIL  # final, yet not finite: diverged
-        self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+        self._ot_study.tell(self._ot_trials[trial_id].number, values, state=state)
         self._completed_trials.add(trial_id)
 
     def _told_before_restore(self, ot_trial: Any) -> bool:
@@ -175,7 +193,8 @@ class StudySearch(OptunaSearch):
         return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+        with open(checkpoint_path, "rb") as file:  # our own save, in the experiment folder
+            self.__setstate__(pickle.load(file))
         known = {t.number for t in self._ot_trials.values()}
         self.close_running(keep=known)
 
@@ -212,7 +231,7 @@ def make_searcher(experiment: Experiment, concurrency: int) -> StudySearch:
         metric=[o.name for o in objectives],
         mode=[o.mode for o in objectives],
         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
-        sampler=make_sampler(space),
+        sampler_factory=space.sampler_factory(),
         study_name=STUDY_NAME,
         storage=JournalStorage(JournalFileBackend(str(experiment.study))),
         max_concurrent=concurrency,
