@@ -1,5 +1,7 @@
 """Pareto-aware early stopping: the MO-ASHA rule on arrays, its rungs, and a real Tune run."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,20 @@ def test_record_file_replays_on_resume_and_tells_the_report(tmp_path):
     assert resumed.on_result("c", 1, [3, 3])  # judged against a and b from before the restart
     assert set(read_stopped(path)) == {"b", "c"}
     assert read_stopped(tmp_path / "absent.jsonl") == {}
+
+
+def test_a_scheduler_unpickled_on_resume_replays_its_record_file(tmp_path):
+    """Tune restores a search's scheduler from the copy it pickled when the search started."""
+    path = tmp_path / "rungs.jsonl"
+    scheduler = ParetoEarlyStopping(["loss", "size"], MIN_MIN, time_attr="step", grace=1, eta=3, record_path=path)
+    saved = pickle.dumps(scheduler)  # as Tuner() does, before any trial reported
+    scheduler.rungs.on_result("a", 1, [1, 1])
+    assert scheduler.rungs.on_result("b", 1, [2, 2])
+    restored = pickle.loads(saved)  # the driver died; `atp-ray resume` restores the Tuner
+    assert restored.rungs.rungs == scheduler.rungs.rungs and set(restored.stopped) == {"b"}
+    assert restored.rungs.on_result("c", 1, [3, 3])  # judged against a and b from before the kill
+    assert restored.rungs.on_result("b", 2, [0, 0])  # b, stopped before the kill, stays stopped
+    assert not restored.rungs.on_result("a", 2, [9, 9])
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,12 @@ The rule (after Syne Tune's MOASHA with non-dominated sorting, Schmucker et al. 
 
 ``rung_decision`` is that rule on plain arrays; ``ParetoRungs`` is the bookkeeping (which
 trial is recorded at which rung, which were stopped), also without Ray; ``ParetoEarlyStopping``
-is the thin Ray Tune scheduler around it. Tune does not save scheduler state, so the
-bookkeeping can append every record to a JSON-lines file and replays it when built again on the
-same file: a resumed search judges new trials against the rungs seen before the driver died,
-and the report reads which trials were stopped from the same file (``read_stopped``).
+is the thin Ray Tune scheduler around it. Tune does not save scheduler state (a restored search
+gets back the copy pickled when the search started), so the bookkeeping appends every record
+to a JSON-lines file and replays it when built again on the same file or unpickled: a resumed
+search judges new trials against the rungs seen before the driver died, and a trial stopped
+before it died stays stopped. ``read_stopped`` reads which trials were stopped from the same
+file.
 """
 
 from __future__ import annotations
@@ -85,13 +87,34 @@ class ParetoRungs:
         self.record_path = Path(record_path) if record_path is not None else None
         self.rungs: dict[int, dict[str, tuple[float, ...]]] = {}
         self.stopped: dict[str, RungRecord] = {}
-        if self.record_path is not None and self.record_path.exists():
-            for record in _read_records(self.record_path):
-                self._remember(record)
-            text = self.record_path.read_bytes()
-            if text and not text.endswith(b"\n"):  # end a torn last line so new records start clean
-                with open(self.record_path, "ab") as f:
-                    f.write(b"\n")
+        self._replay()
+
+    def _replay(self) -> None:
+        """Rebuild the rungs from the record file, when there is one (what a resumed search saw)."""
+        self.rungs, self.stopped = {}, {}
+        if self.record_path is None or not self.record_path.exists():
+            return
+        for record in _read_records(self.record_path):
+            self._remember(record)
+        text = self.record_path.read_bytes()
+        if text and not text.endswith(b"\n"):  # end a torn last line so new records start clean
+            with open(self.record_path, "ab") as f:
+                f.write(b"\n")
+
+    # Pickling: Tune pickles its scheduler once, when the Tuner is built, and a restored search
+    # unpickles that copy (empty rungs). With a record file the file is the truth, so the rungs
+    # are not pickled but replayed from it: the restored scheduler holds every record made
+    # before the driver died.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.record_path is not None:
+            state.update(rungs={}, stopped={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.record_path is not None:
+            self._replay()
 
     def rung_at(self, step: float) -> int | None:
         """Index k of the highest rung ``grace * eta**k`` at or below ``step``; None before the first."""
@@ -102,19 +125,26 @@ class ParetoRungs:
         return k - 1 if self.grace * self.eta**k > step else k
 
     def on_result(self, trial_id: str, step: float, values: Sequence[float], decide: bool = True) -> bool:
-        """Record a report; return True when the trial must stop (never when ``decide`` is False)."""
+        """Record a report; return True when the trial must stop (never when ``decide`` is False).
+
+        A trial stopped before is told to stop again at once (see the module docstring).
+        """
         if len(values) != len(self.modes):
             raise ValueError(f"values: expected {len(self.modes)} objectives, got {list(values)}")
         k = self.rung_at(step)
         # Only the highest rung reached counts: rungs skipped between two reports stay without
         # this trial (its later vector would not be comparable there), and a rung already
         # holding it is not judged twice.
+        if decide and trial_id in self.stopped:
+            # Stopped before, yet reporting: a resumed search restored it from a Tune state saved
+            # before the stop. A stop is final: stop it again at once.
+            return True
         if k is None or trial_id in self.rungs.get(k, {}):
             return False
         vector = tuple(float(v) for v in values)
         recorded = self.rungs.get(k, {})
         matrix = np.array([*recorded.values(), vector], dtype=float)
-        stop = decide and trial_id not in self.stopped and rung_decision(matrix, len(matrix) - 1, self.modes, self.eta)
+        stop = decide and rung_decision(matrix, len(matrix) - 1, self.modes, self.eta)
         record = RungRecord(trial_id, k, float(step), vector, stop)
         self._remember(record)
         if self.record_path is not None:
