@@ -524,6 +524,7 @@ class ATPRecipe:
             <= self.config.atp.freeze_tolerance,
             "steps": self.step,
             "cpu_threads": torch.get_num_threads(),  # what a CPU run's speed depends on
+            "world_size": self.context.world_size,  # processes that trained it (Ray Train workers)
             **held_out,
         }
         with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3
