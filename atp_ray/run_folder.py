@@ -75,15 +75,31 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.summary.is_file()
 
+    def has_trained(self) -> bool:
+        """Whether training left state here that a rerun would resume: a checkpoint, logged metrics,
+        or Ray Train storage (``ray/``, a distributed run's default)."""
+        logged = self.metrics.is_file() and self.metrics.stat().st_size > 0
+        return self.checkpoint.is_file() or logged or (self.root / "ray").exists()
+
     def check_can_run(self, resolved_config: dict[str, Any]) -> None:
-        """Refuse a finished run, or an unfinished one of another config (RunFolderError)."""
+        """Refuse a finished run, or an unfinished one of another config (RunFolderError).
+
+        A folder whose run stopped before training (bad data, unreachable model) holds only
+        its config: nothing to resume, so a corrected config may take its place.
+        """
         if self.is_finished():
             raise RunFolderError(f"{self.root} holds a finished run; choose another --out")
-        if self.config.is_file() and self.read_config() != resolved_config:
+        if self.config.is_file() and self.read_config() != resolved_config and not self._never_trained():
             raise RunFolderError(
                 f"{self.root} holds a run with a different config; resume it with the same "
                 f"config, or choose another --out (saved config: {self.config})"
             )
+
+    def _never_trained(self) -> bool:
+        # A distributed run with its own storage_path checkpoints elsewhere, out of sight: keep it.
+        saved = self.read_config() or {}
+        external = (saved.get("distributed") or {}).get("storage_path") is not None
+        return not external and not self.has_trained()
 
     def read_config(self) -> dict[str, Any]:
         return yaml.safe_load(self.config.read_text())
