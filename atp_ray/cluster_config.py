@@ -3,7 +3,8 @@
 atp-ray's rules: a CPU head with the ``search_driver`` resource and no GPUs, one autoscaling
 multi-GPU worker type (min 0), Ray token authentication on every node, the dashboard on the
 head's 127.0.0.1 only, nothing but SSH open to the world, this checkout installed by
-``scripts/bootstrap.sh`` with Ray pinned to this machine's version, ``HF_HOME`` set, and
+``scripts/bootstrap.sh`` from ``requirements.lock`` (the laptop's versions, Ray included) on
+CPython 3.11, ``HF_HOME`` set, and
 shared storage for experiments in ``metadata.atp_ray.storage`` (an NFS path that the setup
 commands mount on every node, or a bucket URI).
 """
@@ -123,12 +124,10 @@ def atp_ray_problems(config: dict[str, Any]) -> list[str]:
         problems.append(
             f"setup_commands: must install the project with `cd {mounted_project[0]} && ... scripts/bootstrap.sh`"
         )
-    import ray
-
-    if f"ray[default,train,tune]=={ray.__version__}" not in setup:
+    if "PYTHON=python3.11 " not in setup:
         problems.append(
-            f"setup_commands: must pin ray[default,train,tune]=={ray.__version__}, the version on this machine "
-            "(the job client and the cluster must run the same Ray)"
+            "setup_commands: must run scripts/bootstrap.sh with PYTHON=python3.11: requirements.lock, which "
+            "pins the nodes' Ray to the job client's, is for CPython 3.11"
         )
     if "HF_HOME=" not in setup:
         problems.append("setup_commands: must export HF_HOME onto the large disk")

@@ -22,9 +22,9 @@ EXPECTED_PLACEHOLDERS = {
     "aws": {
         "available_node_types.head.node_config.ImageId",
         "available_node_types.gpu_worker.node_config.ImageId",
-        "setup_commands[4]",  # the EFS file system to mount
+        "setup_commands[3]",  # the EFS file system to mount
     },
-    "gcp": {"provider.project_id", "setup_commands[4]"},  # the Filestore instance to mount
+    "gcp": {"provider.project_id", "setup_commands[3]"},  # the Filestore instance to mount
 }
 
 
@@ -55,12 +55,12 @@ def test_shipped_config_invariants(provider):
     assert not any("0.0.0.0" in c or "dashboard-port" in c for c in starts)
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     storage = config["metadata"]["atp_ray"]["storage"]
-    assert storage.startswith("/") and "mount -t nfs" in config["setup_commands"][4]
-    assert config["setup_commands"][4].rstrip().endswith(f"sudo chown ubuntu {storage}")
+    assert storage.startswith("/") and "mount -t nfs" in config["setup_commands"][3]
+    assert config["setup_commands"][3].rstrip().endswith(f"sudo chown ubuntu {storage}")
     setup = config["setup_commands"]
     assert (
-        setup.index("cd ~/atp-ray && ATP_RAY_VENV=~/atp-venv bash scripts/bootstrap.sh") >= 0
-    )  # torch first, then the package
+        setup.index("cd ~/atp-ray && PYTHON=python3.11 ATP_RAY_VENV=~/atp-venv bash scripts/bootstrap.sh") >= 0
+    )  # torch first, then the lock, then the package
     assert config["file_mounts"]["~/atp-ray"] == "."
     assert any("HF_HOME=$HOME/hf-cache" in c for c in setup)
     disk = (
@@ -72,9 +72,11 @@ def test_shipped_config_invariants(provider):
         assert rule.get("FromPort") == 22 or not rule.get("IpRanges"), rule
 
 
-def test_bootstrap_installs_torch_before_the_package():
+def test_bootstrap_installs_torch_then_the_lock_then_the_package():
     script = (ROOT / "scripts" / "bootstrap.sh").read_text()
-    assert script.index('pip install "torch==') < script.index('pip install -e ".[dev]"')
+    torch = script.index('pip install "torch==')
+    lock = script.index("pip install --no-deps --require-hashes -r requirements.lock")
+    assert torch < lock < script.index("pip install --no-deps --no-build-isolation -e .") < script.index("\npip check")
 
 
 def _broken(mutate) -> list[str]:
@@ -109,9 +111,12 @@ BREAKAGES = {
         "only SSH",
     ),
     "project not installed": (lambda c: c["setup_commands"].pop(1), "bootstrap.sh"),
-    "ray not pinned": (lambda c: c["setup_commands"].pop(2), "must pin ray"),
-    "no HF_HOME": (lambda c: c["setup_commands"].pop(3), "HF_HOME"),
-    "storage not mounted": (lambda c: c["setup_commands"].pop(4), "must mount the shared file system"),
+    "not the locked Python": (
+        lambda c: c["setup_commands"].__setitem__(1, c["setup_commands"][1].replace("PYTHON=python3.11 ", "")),
+        "PYTHON=python3.11",
+    ),
+    "no HF_HOME": (lambda c: c["setup_commands"].pop(2), "HF_HOME"),
+    "storage not mounted": (lambda c: c["setup_commands"].pop(3), "must mount the shared file system"),
     "bucket of another cloud": (lambda c: c["metadata"]["atp_ray"].update(storage="gs://b/x"), "s3://"),
     "unknown field": (lambda c: c.update(dashboard_port=8265), "ray schema"),
     "bad node type field": (lambda c: c["available_node_types"]["head"].update(gpus=0), "ray schema"),

@@ -5,7 +5,10 @@ Each search here is a real ``tune.Tuner`` over the tiny model: 2 trials of 2 ste
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import pandas as pd
@@ -77,3 +80,37 @@ def test_a_sampler_that_does_not_pickle_still_searches_and_resumes(ray_local, ti
     assert main(["search", "--space", tiny_space(tmp_path, tiny_model_dir, "nsga2"), "--out", str(out)]) == 0
     assert main(["resume", str(out)]) == 0  # restores the searcher from Tune's saved state
     assert pd.read_csv(out / "report" / "trials.csv").status.tolist() == ["COMPLETED"] * 2
+
+
+NEWEST_OPTUNA_SEARCH = """
+import sys
+import optuna
+from atp_ray.cli import main
+print("optuna", optuna.__version__, optuna.__file__, flush=True)
+for space, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    assert main(["search", "--space", space, "--out", out]) == 0, space
+"""
+
+
+@pytest.mark.slow
+def test_every_sampler_searches_with_the_newest_optuna_the_registry_serves(ray_local, tiny_model_dir, tmp_path):
+    """The next optuna release, before it reaches the lock: installed beside the venv, first on the path."""
+    newest = tmp_path / "newest"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(newest), "optuna"],
+        check=True, timeout=600,
+    )
+    version = next(newest.glob("optuna-*.dist-info")).name.split("-")[1]
+    args = []
+    for name in SAMPLERS:
+        (tmp_path / name).mkdir()
+        args += [tiny_space(tmp_path / name, tiny_model_dir, name), str(tmp_path / name / "exp")]
+    env = {**os.environ, "PYTHONPATH": str(newest), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-c", NEWEST_OPTUNA_SEARCH, *args], env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"optuna {version} {newest}" in done.stdout
+    for name in SAMPLERS:
+        table = pd.read_csv(tmp_path / name / "exp" / "report" / "trials.csv")
+        assert table.status.tolist() == ["COMPLETED"] * 2, name
