@@ -6,8 +6,13 @@ Needs Debian's `chromium` (scripts/test.sh installs it) and the `playwright` Pyt
 """
 
 import os
+import re
 import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 
 from atp_ray.search.report import write_report
@@ -47,23 +52,68 @@ def browser(tmp_path_factory):
         context.close()
 
 
-def test_report_renders_in_chromium(browser, tmp_path):
-    table = synthetic_table()
-    write_report(table, OBJECTIVES, synthetic_curves(table), tmp_path, running=True)
-    page = browser.new_page()
-    problems, external = [], []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+# Plotly draws a diamond marker as four straight edges and a circle with arcs.
+DIAMOND = re.compile(r"M[\d.]+,0L0,[\d.]+L-[\d.]+,0L0,-[\d.]+Z")
+
+
+@dataclass
+class OpenReport:
+    """A report page loaded in Chromium, with what went wrong while it loaded."""
+
+    page: Any
+    problems: list[str] = field(default_factory=list)  # console errors and page errors
+    external: list[str] = field(default_factory=list)  # requests that left the machine (aborted)
+
+
+def open_report(browser: Any, report_html: Path) -> OpenReport:
+    """Load ``report_html`` with the network cut off and wait until the front is drawn."""
+    report = OpenReport(browser.new_page())
+    page = report.page
+    page.on("console", lambda m: report.problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: report.problems.append(f"page error: {e}"))
 
     def only_local(route):
         if not route.request.url.startswith(("file:", "data:", "blob:", "about:")):
-            external.append(route.request.url)
+            report.external.append(route.request.url)
             return route.abort()
         return route.continue_()
 
     page.route("**/*", only_local)
-    page.goto((tmp_path / "report.html").as_uri(), wait_until="load")
+    page.goto(report_html.as_uri(), wait_until="load")
     page.wait_for_selector("#front .main-svg", timeout=30_000)
+    return report
+
+
+def front_markers(page: Any) -> dict[str, bool]:
+    """Trial id -> whether the front plot draws it as a front member (a diamond), read from the SVG.
+
+    Every panel must draw a trial the same way; each point's trial id comes from its hover text.
+    """
+    drawn = page.evaluate(
+        """() => {
+            const gd = document.getElementById('front');
+            return Array.from(gd.querySelectorAll('.scatterlayer .trace')).flatMap((trace, k) =>
+                Array.from(trace.querySelectorAll('.point')).map(p => [gd.data[k].hovertext[p.__data__.i], p.getAttribute('d')]));
+        }"""
+    )
+    markers: dict[str, set[bool]] = {}
+    for hover, path in drawn:
+        trial_id = re.match(r"<b>(.*?)</b>", hover).group(1)
+        markers.setdefault(trial_id, set()).add(bool(DIAMOND.fullmatch(path)))
+    assert all(len(kinds) == 1 for kinds in markers.values()), markers
+    return {trial_id: kinds.pop() for trial_id, kinds in markers.items()}
+
+
+def front_table_ids(page: Any) -> list[str]:
+    """The trial ids in the page's front-models table, top to bottom."""
+    return page.locator("table.front tbody tr td:first-child").all_inner_texts()
+
+
+def test_report_renders_in_chromium(browser, tmp_path):
+    table = synthetic_table()
+    write_report(table, OBJECTIVES, synthetic_curves(table), tmp_path, running=True)
+    report = open_report(browser, tmp_path / "report.html")
+    page, problems, external = report.page, report.problems, report.external
 
     completed, pairs = int((table.status == "COMPLETED").sum()), 3
     assert page.locator("#front .scatterlayer .point").count() == completed * pairs
@@ -71,6 +121,9 @@ def test_report_renders_in_chromium(browser, tmp_path):
     assert page.locator("#hypervolume .scatterlayer .point").count() == completed
     assert page.locator(".banner").inner_text().startswith("The search is still running")
     assert page.locator("table.front tbody tr").count() == 3
+    front = pd.read_csv(tmp_path / "front.csv").trial_id.tolist()
+    assert front_markers(page) == {t: t in front for t in table.trial_id[table.status == "COMPLETED"]}
+    assert front_table_ids(page) == front
 
     # The dropdown recolours the front by another knob (here a categorical one).
     fills = "es => es.map(e => e.style.fill)"

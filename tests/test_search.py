@@ -1,8 +1,8 @@
 """The search end to end on the tiny model: front, failed and stopped trials, study state, export.
 
 One search of 5 short trials (about a minute on 2 cores) feeds most tests: three ordinary
-trials, one seeded with an absurd learning rate (it diverges) and one that a Tune scheduler
-stops early.
+trials, one seeded with an absurd learning rate (it diverges) and one that the shipped
+Pareto early-stopping scheduler stops at its first rung.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import yaml
 
 from atp_ray.cli import main
 from tests.conftest import tiny_run_config
+from test_report_browser import browser, front_markers, front_table_ids, open_report  # noqa: F401 (a fixture)
 
 
 
@@ -67,51 +68,45 @@ def study_states(experiment: Path) -> list[str]:
 
 
 
+# The shipped early-stopping scheduler, with one rung at step 2 (the next, at 8, is past the end).
+EARLY_STOPPING = {"enabled": True, "grace": 2, "eta": 4}
+
+
 @pytest.fixture(scope="module")
-def search(ray_local, tiny_model_dir, tmp_path_factory, monkeypatch_module):
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+def search(ray_local, tiny_model_dir, tmp_path_factory):
+    """The real search, its real early-stopping scheduler included, designed so one stop is certain.
 
-    class StopTrial(FIFOScheduler):
-        """Stops the trial with atp.sparsity 0.69 at its first report (a trial seeded for it)."""
-
-        def on_trial_result(self, tune_controller, trial, result):
-            if trial.config.get("atp.sparsity") == 0.69:
-                return TrialScheduler.STOP
-            return TrialScheduler.CONTINUE
-
-    from atp_ray.search import tuner
-
-    monkeypatch_module.setattr(tuner, "_scheduler", lambda experiment: StopTrial())
+    At step 2 every trial keeps the same parameters and its held-out perplexity depends only on
+    the lasso weight (bit for bit: the sparsity target does not act yet), higher being worse.
+    The three ordinary trials share lasso 0.01, so at the rung none is ever beaten; the last
+    point (lasso 0.1) is dominated by each of them. With two trials at once it starts only
+    after three others ended, so at least two completed ones wait at the rung: 2 of 3 beat it,
+    more than 1/eta, and it is stopped.
+    """
     tmp = tmp_path_factory.mktemp("search")
     points = [
         {"atp.sparsity": 0.3, "atp.lasso_weight": 0.01, "train.lr": 1e30},  # diverges
-        {"atp.sparsity": 0.69, "atp.lasso_weight": 0.01, "train.lr": 0.001},  # stopped early
-        {"atp.sparsity": 0.2, "atp.lasso_weight": 0.01, "train.lr": 0.001},
-        {"atp.sparsity": 0.5, "atp.lasso_weight": 0.01, "train.lr": 0.001},
-        {"atp.sparsity": 0.6, "atp.lasso_weight": 0.05, "train.lr": 0.001},
+        {"atp.sparsity": 0.2, "atp.lasso_weight": 0.01, "train.lr": 0.001},  # ends dominated by 0.4
+        {"atp.sparsity": 0.4, "atp.lasso_weight": 0.01, "train.lr": 0.001},
+        {"atp.sparsity": 0.6, "atp.lasso_weight": 0.01, "train.lr": 0.001},
+        {"atp.sparsity": 0.69, "atp.lasso_weight": 0.1, "train.lr": 0.001},  # dominated at step 2: stopped
     ]
-    space = write_space(tmp, tiny_model_dir, trials=5, points=points)
+    space = write_space(tmp, tiny_model_dir, trials=5, points=points, early_stopping=EARLY_STOPPING)
     out = tmp / "exp"
     assert main(["search", "--space", str(space), "--out", str(out)]) == 0
     return out, pd.read_csv(out / "report" / "trials.csv")
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-def test_search_runs_the_budget_and_fronts_non_dominated_completed_trials(search):
+def test_search_runs_the_budget_and_its_front_is_exactly_the_non_dominated_completed_trials(search):
     out, table = search
     assert len(table) == 5 and table["trial_id"].is_unique
     completed = table[table.status == "COMPLETED"]
     assert len(completed) == 3
+    values = completed[["obj.quality", "obj.params"]].to_numpy(dtype=float)
+    non_dominated = {t for t, v in zip(completed.trial_id, values) if not dominated(v, values)}
     front = pd.read_csv(out / "report" / "front.csv")
-    assert len(front) > 0 and set(front.trial_id) <= set(completed.trial_id)
-    values = completed[["obj.quality", "obj.params"]].to_numpy()
-    for _, row in front.iterrows():
-        assert not dominated(row[["obj.quality", "obj.params"]].to_numpy(dtype=float), values)
+    assert set(front.trial_id) == non_dominated and front.trial_id.is_unique  # complete and sound
+    assert set(table.trial_id[table.on_front]) == non_dominated  # the table's column says the same
     assert all(Path(p).is_dir() for p in completed.model_path)
     assert (completed.wall_time_s > 0).all()
 
@@ -126,12 +121,35 @@ def test_diverged_trial_is_failed_with_its_reason_and_told_to_optuna(search):
     assert sorted(states) == ["COMPLETE"] * 3 + ["FAIL", "PRUNED"]
 
 
-def test_stopped_trial_is_recorded_and_never_on_the_front(search):
+def test_early_stopping_stops_the_dominated_trial_tells_optuna_and_keeps_it_off_the_front(search):
+    from atp_ray.search.scheduler import read_stopped
+
     out, table = search
     stopped = table[table.status == "STOPPED"]
-    assert list(stopped["knob.atp.sparsity"]) == [0.69]
+    assert list(stopped["knob.atp.lasso_weight"]) == [0.1]
+    trial_id = stopped.trial_id.iloc[0]
+    # the shipped scheduler stopped it at the first rung, and did not stop any other trial
+    record = read_stopped(out / "early_stopping.jsonl")
+    assert set(record) == {trial_id} and (record[trial_id].rung, record[trial_id].step) == (0, 2.0)
+    reports = [json.loads(line) for line in (out / "tune" / trial_id / "result.json").read_text().splitlines()]
+    assert [r["step"] for r in reports] == [2.0]  # not trained past its first report
+    assert not (out / "trials" / trial_id / "objectives.json").exists()
+    assert "PRUNED" in study_states(out)  # the one PRUNED study trial (see the test above)
     front = pd.read_csv(out / "report" / "front.csv")
-    assert stopped.iloc[0].trial_id not in set(front.trial_id)
+    assert trial_id not in set(front.trial_id) and not stopped.on_front.iloc[0]
+
+
+def test_the_report_of_a_real_search_draws_its_front_in_chromium(search, browser):
+    """The page a user opens after a search: front members drawn as such, the front table listing them."""
+    out, table = search
+    report = open_report(browser, out / "report" / "report.html")
+    front = pd.read_csv(out / "report" / "front.csv").trial_id.tolist()
+    completed = table.trial_id[table.status == "COMPLETED"]
+    assert 0 < len(front) < len(completed)  # both kinds of marker are on the page
+    assert front_markers(report.page) == {t: t in front for t in completed}  # only completed trials are drawn
+    assert front_table_ids(report.page) == front
+    assert report.problems == [] and report.external == []
+    report.page.close()
 
 
 def test_every_trial_logs_to_tensorboard(search):
