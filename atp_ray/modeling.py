@@ -30,10 +30,93 @@ def _unreachable(path: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+# A local folder holding one of these has a tokenizer for AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+# Seconds the one hub probe of an uncached hub id may take (connect and answer).
+HUB_PROBE_TIMEOUT_S = 5.0
+_probed: set[str] = set()  # hub ids the hub has answered for in this process
+
+
+def _check_local_folder(folder: Path, path: str, needs: tuple[str, ...]) -> None:
+    """A folder must hold one of ``needs`` (config.json for a model); say what it is instead when not."""
+    if any((folder / name).is_file() for name in needs):
+        return
+    run = RunFolder(folder)
+    if run.config.is_file():
+        raise RunFolderError(
+            f"{path}: an ATP run folder that has not finished (no mask.json, adapter/ or summary.json yet); "
+            f"finish it first (atp-ray train with the same config and --out {path} resumes it)"
+        )
+    raise ModelNotFoundError(
+        f"{path}: not a model folder (it has no {needs[0]}); expected a transformers model folder, "
+        "a finished ATP run folder or a compressed model folder"
+    )
+
+
+def _probe_hub(repo_id: str) -> None:
+    """Ask the hub once, without retries, whether it serves ``repo_id``; a model in the local cache needs no probe.
+
+    For a file that is not cached, transformers retries an unreachable hub five times with
+    back-off (about 25 s and 20 warning lines per file, two files per load) before its one
+    useful error. A cached file loads at once even offline, so only uncached ids are probed.
+    The probe is a HEAD request for ``config.json``: nothing is downloaded.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if repo_id in _probed or constants.HF_HUB_OFFLINE:  # offline mode fails fast by itself
+        return
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError as err:
+        raise _unreachable(repo_id, err) from None
+    if isinstance(cached, str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        return  # transformers explains gated access (log in, accept the terms) itself
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model.path: {repo_id!r} is not a local model folder, and the hub has no such model "
+            "(or it is private: log in with `hf auth login`)"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model.path: {repo_id!r} is a hub repository without config.json, not a transformers model"
+        ) from None
+    except HfHubHTTPError:
+        return  # the hub answered (an error of its own): transformers reports it
+    except Exception as err:  # noqa: BLE001 - any failure to get an answer (DNS, refused, timeout, proxy)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(
+            f"model.path: {repo_id!r} is not a local model folder nor in the local hub cache, and the "
+            f"Hugging Face Hub cannot be reached ({reason}); on a machine without hub access, point "
+            "model.path at a local model folder"
+        ) from None
+    _probed.add(repo_id)
+
+
+def _checked_path(path: str, needs: tuple[str, ...] = ("config.json",)) -> str:
+    """The path to give transformers, after checks that fail fast and clearly on a bad one.
+
+    ``needs``: a local folder must hold one of these files (a tokenizer-only folder has no config.json).
+    """
+    resolved = resolve_model_path(path)
+    folder = Path(resolved).expanduser()
+    if folder.is_dir():
+        _check_local_folder(folder, path, needs)
+        return resolved
+    if path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path {path!r}: no such model folder")
+    _probe_hub(resolved)
+    return resolved
+
+
 def check_model_reachable(path: str) -> None:
     """Read the model's config (local folder, hub or cache) now, so a bad path fails before any work."""
     try:
-        AutoConfig.from_pretrained(resolve_model_path(path))
+        AutoConfig.from_pretrained(_checked_path(path))
     except (OSError, HFValidationError) as err:
         raise _unreachable(path, err) from None
 
@@ -41,7 +124,7 @@ def check_model_reachable(path: str) -> None:
 def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
     """A causal LM of a supported architecture, in ``dtype``, on the CPU, in eval mode."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(_checked_path(path), dtype=DTYPES[dtype])
     except (OSError, HFValidationError) as err:
         raise _unreachable(path, err) from None
     check_supported(model.config.model_type)
@@ -51,7 +134,7 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model, with a pad token (the EOS token when it has none)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+        tokenizer = AutoTokenizer.from_pretrained(_checked_path(path, needs=TOKENIZER_FILES))
     except (OSError, HFValidationError) as err:
         raise _unreachable(path, err) from None
     if tokenizer.pad_token is None:
@@ -68,6 +151,8 @@ def load_run_model(run_dir: str | Path) -> tuple[PreTrainedModel, PruningSpace, 
     from peft import PeftModel
 
     folder = RunFolder(Path(run_dir))
+    if not folder.root.is_dir():
+        raise RunFolderError(f"{run_dir}: no such folder")
     if not folder.mask.is_file() or not folder.adapter.is_dir():
         raise RunFolderError(f"{run_dir} holds no finished ATP run (mask.json and adapter/ are missing)")
     model_cfg = folder.read_config()["model"]
