@@ -13,8 +13,9 @@ Ray Train set up (gloo on CPU workers, NCCL on GPUs), with
   the layout ``atp-ray compress`` and ``atp-ray eval`` read. Its final outputs also go into
   the last Ray checkpoint, so the driver gets them even when rank 0 ran on another node.
 
-Problems a user can fix (deepspeed missing, more GPUs or CPUs asked than the cluster has,
-a finished or different run in the folder) are raised on the driver before any worker starts.
+Problems a user can fix (deepspeed missing, workers that no node type of the cluster could
+hold, a finished or different run in the folder) are raised on the driver before any worker
+starts; workers that fit node types the autoscaler has yet to start wait for them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from ray.train import UserCallback
 
+from atp_ray.capacity import NodeType, cluster_node_types, fit_problem, node_cpus
 from atp_ray.config import RunConfig
 from atp_ray.errors import ATPRayError
 from atp_ray.process import ProcessContext, Restored, ShardWriter
@@ -117,8 +119,9 @@ def run_distributed(
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
     started_ray = _connect(address)
     try:
-        cpus = worker_cpus(config, [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]])
-        check_cluster(config, ray.cluster_resources(), cpus)
+        node_types = cluster_node_types()
+        cpus = worker_cpus(config, node_cpus(node_types))
+        check_cluster(config, node_types, cpus)
         run_dir.mkdir(parents=True, exist_ok=True)
         user_callbacks = list(callbacks or []) + ([_ReportCallback(report)] if report else [])
         trainer = TorchTrainer(
@@ -173,13 +176,10 @@ def scaling_config(config: RunConfig, cpus_per_worker: float) -> Any:
     from ray.train import ScalingConfig
 
     dist = config.distributed
-    resources: dict[str, float] = {"CPU": cpus_per_worker}
-    if dist.use_gpu:
-        resources["GPU"] = dist.gpus_per_worker
     return ScalingConfig(
         num_workers=dist.workers,
         use_gpu=dist.use_gpu,
-        resources_per_worker=resources,
+        resources_per_worker=worker_bundle(config, cpus_per_worker),
         placement_strategy=dist.placement_strategy,
     )
 
@@ -197,20 +197,20 @@ def preflight(config: RunConfig, run_dir: Path) -> None:
     RunFolder(run_dir).check_can_run(config.to_dict())
 
 
-def check_cluster(config: RunConfig, cluster: dict[str, float], cpus_per_worker: float) -> None:
-    """The workers' total CPUs and GPUs must exist in the cluster, or Ray would wait forever."""
+def worker_bundle(config: RunConfig, cpus_per_worker: float) -> dict[str, float]:
+    """What one Ray Train worker reserves."""
     dist = config.distributed
-    asked = {"CPU": dist.workers * cpus_per_worker}
-    if dist.use_gpu:
-        asked["GPU"] = dist.workers * dist.gpus_per_worker
-    for resource, amount in asked.items():
-        have = cluster.get(resource, 0.0)
-        if amount > have:
-            per = dist.gpus_per_worker if resource == "GPU" else cpus_per_worker
-            raise DistributedRunError(
-                f"distributed: {dist.workers} workers x {per:g} {resource} need {amount:g} {resource}, "
-                f"the Ray cluster has {have:g}"
-            )
+    return {"CPU": cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
+
+
+def check_cluster(config: RunConfig, node_types: list[NodeType], cpus_per_worker: float) -> None:
+    """The workers must fit the cluster at its largest (its node types), or Ray would wait forever.
+
+    Fewer nodes up now is fine: the placement group waits and the autoscaler adds nodes.
+    """
+    problem = fit_problem(node_types, worker_bundle(config, cpus_per_worker), config.distributed.workers)
+    if problem:
+        raise DistributedRunError(f"distributed: {problem}")
 
 
 def _connect(address: str | None) -> bool:

@@ -20,6 +20,7 @@ from conftest import tiny_run_config
 from ray.train import UserCallback
 
 from atp_ray.atp import run_atp
+from atp_ray.capacity import NodeType
 from atp_ray.config import load_config
 from atp_ray.distributed import (
     CONTROLLER_POLL_ENV,
@@ -238,10 +239,11 @@ def test_worker_cpus_default_uses_the_cluster(tiny_model_dir, distributed, node_
 def test_preflight_refuses_before_any_worker_starts(tiny_model_dir, tmp_path, monkeypatch):
     raw = tiny_run_config(tiny_model_dir, distributed={"workers": 2, "strategy": "zero3"})
     config = load_config(raw)
-    with pytest.raises(DistributedRunError, match="need 2 GPU, the Ray cluster has 0"):
-        check_cluster(load_config({**raw, "distributed": {"workers": 2, "use_gpu": True}}), {"CPU": 16.0}, 1.0)
-    with pytest.raises(DistributedRunError, match="need 4 CPU, the Ray cluster has 2"):
-        check_cluster(load_config({**raw, "distributed": {"workers": 2}}), {"CPU": 2.0}, 2.0)
+    laptop = [NodeType("laptop", {"CPU": 16.0}, 1)]
+    with pytest.raises(DistributedRunError, match="a worker asks for 1 CPU, 1 GPU and no node type"):
+        check_cluster(load_config({**raw, "distributed": {"workers": 2, "use_gpu": True}}), laptop, 1.0)
+    with pytest.raises(DistributedRunError, match="need 2 worker slots; the cluster holds 1"):
+        check_cluster(load_config({**raw, "distributed": {"workers": 2}}), [NodeType("a", {"CPU": 2.0}, 1)], 2.0)
     import atp_ray.distributed as distributed
 
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
