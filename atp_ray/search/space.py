@@ -252,7 +252,10 @@ def load_space(
         space = space.model_copy(update={"trials": trials})
     problems = _space_problems(space)
     base: dict[str, Any] = {}
-    if not problems:
+    # The run config's checks run even when the space has problems of its own (a point outside
+    # a range, an unknown objective), so one pass reports them all; an unknown knob or override
+    # key is the exception: the base config would only be rejected again for that same key.
+    if all(_known_key(key) for key in [*space.knobs, *space.overrides]):
         try:
             base = resolve_base(space, None if isinstance(source, dict) else Path(source), cli_overrides or [])
             problems += _config_problems(space, base)
