@@ -6,12 +6,13 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from atp_ray.cluster import add_cluster_parser
-from atp_ray.errors import ATPRayError
+from atp_ray.errors import ATPRayError, ClusterError
 
 log = logging.getLogger("atp_ray")
 
@@ -35,11 +36,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if config.distributed.workers is None:
         from atp_ray.atp import run_atp
+        from atp_ray.modeling import check_model_reachable
 
+        check_model_reachable(config.model.path)  # before the run folder is made
         summary = run_atp(config, out)
     else:
         from atp_ray.distributed import run_distributed
 
+        check_ray_address(args.address or os.environ.get("RAY_ADDRESS"))
         summary = run_distributed(config, out, address=args.address)
     print(f"run finished: {out}  sparsity={summary['sparsity']:.4f}  eval_loss={summary['eval_loss']:.4f}")
 
@@ -95,6 +99,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("experiments") / Path(args.space).stem
     from atp_ray.search.tuner import new_experiment, run_search
 
+    check_ray_address(os.environ.get("RAY_ADDRESS"))  # before search.json is written
     experiment = new_experiment(out, space, base)
     with _driver(experiment.root):
         run_search(experiment)
@@ -104,7 +109,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_resume(args: argparse.Namespace) -> None:
     from atp_ray.search.tuner import Experiment, resume_search
 
-    experiment = Experiment.open(args.experiment)
+    experiment = Experiment.open(args.experiment, resuming=True)  # its state is checked before Ray starts
+    check_ray_address(os.environ.get("RAY_ADDRESS"))
     with _driver(experiment.root):
         resume_search(experiment, retry_failed=args.retry_failed)
     _report(experiment.root, show_front=True)
@@ -122,6 +128,30 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 DRIVER_FILE = "driver.pid"  # in an experiment folder while a search or resume runs
+RAY_CONNECT_TIMEOUT_S = 5.0  # for the one TCP connect that tells whether a Ray address answers
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail within seconds (ClusterError) when a Ray address names a port where nothing listens.
+
+    ``ray.init`` keeps retrying such an address for many minutes, silent for most of them;
+    one TCP connect to its host:port tells at once. No address, "auto" and "local" need no
+    check: Ray finds or starts a local instance, and says so quickly when it cannot.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: ray.init rejects a malformed address at once, in its own words
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise ClusterError(
+            f"Ray address {address!r}: no Ray cluster answers at {host}:{port} ({reason}); start the cluster "
+            "(ray start --head, or atp-ray cluster), fix the address (--address or RAY_ADDRESS), or leave "
+            "RAY_ADDRESS unset to run on a local Ray instance"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -133,7 +163,10 @@ def _driver(root: Path) -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        init_ray()
+        try:
+            init_ray()
+        except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster running
+            raise ClusterError(f"cannot join the Ray cluster: {err}") from None
     (root / DRIVER_FILE).write_text(str(os.getpid()))
     try:
         yield

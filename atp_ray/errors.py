@@ -41,3 +41,7 @@ class ModelNotFoundError(ATPRayError):
 
 class ClusterError(ATPRayError):
     """A cluster verb cannot run: a prerequisite is missing, a config breaks a rule, or a job failed."""
+
+
+class ExperimentError(ATPRayError):
+    """An experiment folder cannot be resumed: its search never started, or its saved state is damaged."""

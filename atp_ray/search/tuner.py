@@ -81,15 +81,49 @@ class Experiment:
         )
 
     @classmethod
-    def open(cls, root: str | Path) -> Experiment:
-        from atp_ray.errors import ConfigError
+    def open(cls, root: str | Path, *, resuming: bool = False) -> Experiment:
+        """The experiment in ``root``; with ``resuming``, also check that it can be resumed.
+
+        Resuming needs Tune's saved state (a search whose Ray never started has none) and a
+        study journal whose every line is a complete JSON record (a driver killed mid-write,
+        or an edit, leaves one that is not; Optuna would fail on it with a bare JSONDecodeError).
+        Only a stopped search is checked: a running driver may be writing the journal's last line.
+        """
+        from atp_ray.errors import ConfigError, ExperimentError
 
         root = Path(root).resolve()
         path = root / SEARCH_FILE
         if not path.is_file():
             raise ConfigError([f"{root}: not an experiment folder ({SEARCH_FILE} is missing)"])
         data = json.loads(path.read_text())
-        return cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"])
+        experiment = cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"])
+        if not resuming:
+            return experiment
+        if not tune.Tuner.can_restore(experiment.tune_path):
+            raise ExperimentError(
+                f"{root}: the search never started (no Tune state in {experiment.tune_path}), so there is "
+                f"nothing to resume; run `atp-ray search --space <your space> --out {root}` again"
+            )
+        lines = experiment.study.read_bytes().split(b"\n") if experiment.study.is_file() else [b""]
+        unterminated = lines.pop() != b""  # text after the last newline: a record cut short
+        damaged = len(lines) + 1 if unterminated else None
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+                damaged = number
+                break
+        if damaged is None:
+            return experiment
+        total = len(lines) + unterminated
+        if damaged == total:
+            advice = f"delete that last line (sed -i '{damaged}d' {experiment.study}) and resume again"
+        else:
+            advice = "restore the file from a backup, or start a new search with another --out"
+        raise ExperimentError(
+            f"{experiment.study}: the study journal is damaged: line {damaged} of {total} is not a complete "
+            f"JSON record; {advice}"
+        )
 
 
 def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -> Experiment:
@@ -97,7 +131,10 @@ def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -
     from atp_ray.errors import ConfigError
 
     root = Path(root).resolve()
-    if (root / SEARCH_FILE).exists():
+    # A search.json alone is a search that stopped before Ray came up (the journal is made
+    # once it has, Tune's state and trials/ after): nothing to resume, so a new one may replace it.
+    started = any((root / name).exists() for name in (STUDY_FILE, TUNE_NAME, TRIALS_DIR))
+    if (root / SEARCH_FILE).exists() and started:
         raise ConfigError([f"--out: {root} already holds a search; continue it with `atp-ray resume {root}`"])
     experiment = Experiment(root, space, base, space.storage or str(root))
     experiment.save()
