@@ -41,7 +41,8 @@ from atp_ray.generator import PruningGenerator, detach_masks
 from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
 from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.masking import masked
-from atp_ray.modeling import load_model, load_tokenizer
+from atp_ray.memory_plan import GIB, ModelShape, resolve_checkpointing
+from atp_ray.modeling import enable_activation_checkpointing, eval_for_backward, load_model, load_tokenizer
 from atp_ray.process import CheckpointStore, FolderCheckpoints, ProcessContext
 from atp_ray.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
 from atp_ray.strategy import strategy_from_config, use_bf16
@@ -125,6 +126,9 @@ class ATPRecipe:
         )
         self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
         self.space = PruningSpace.from_config(self.model.config)
+        self.checkpointing = self._wants_checkpointing()
+        if self.checkpointing:
+            enable_activation_checkpointing(self.model)
         fixed_masks = self._fixed_masks(self.model)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
@@ -162,6 +166,13 @@ class ATPRecipe:
         self._resume()
         if self.context.is_main:
             _truncate_metrics(self.folder.metrics, self.step)
+
+    def _wants_checkpointing(self) -> bool:
+        """train.activation_checkpointing, auto resolved by the memory plan against this GPU's memory."""
+        gpu_memory_gib = None
+        if self.device.type == "cuda":
+            gpu_memory_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        return resolve_checkpointing(self.config, ModelShape.from_config(self.model.config), gpu_memory_gib)
 
     def _fixed_masks(self, model: torch.nn.Module) -> dict[UnitGroup, torch.Tensor] | None:
         """The mask a baseline tunes under from step 0; None for ATP, whose generator learns it.
@@ -277,17 +288,19 @@ class ATPRecipe:
     def _generator_step(self) -> dict[str, float]:
         """One generator update on a calibration batch; LLM and LoRA stay frozen."""
         self.generator.train()
-        self.model.eval()  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
+        eval_for_backward(self.model)  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
         noise = torch.Generator(device=self.device).manual_seed(self._noise_seed(0))
         masks = self.generator(noise)
         batch = self._to_device(self.calibration_stream.batch(self.step))
-        with self.autocast(), masked(self.model, self.space, masks):
-            task_loss = self.model(**batch).loss
-        budget, metrics = self._budget_loss(masks)
-        # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
-        # it and must not see it toggled) and gets no .grad from this pass.
-        params = list(self.generator.parameters())
-        grads = torch.autograd.grad(task_loss.float() + budget, params, allow_unused=True)
+        # Backward inside the mask's context: activation checkpointing recomputes layers there.
+        with masked(self.model, self.space, masks):
+            with self.autocast():
+                task_loss = self.model(**batch).loss
+            budget, metrics = self._budget_loss(masks)
+            # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
+            # it and must not see it toggled) and gets no .grad from this pass.
+            params = list(self.generator.parameters())
+            grads = torch.autograd.grad(task_loss.float() + budget, params, allow_unused=True)
         for param, grad in zip(params, grads):
             param.grad = grad
         self._update_generator()
@@ -370,13 +383,15 @@ class ATPRecipe:
         task_losses = []
         for micro in range(accumulation):
             batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
-            with self.autocast(), masked(self.model, self.space, masks):
-                task_loss = self.model(**batch).loss
-            # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
-            # the lasso reads the same rows and columns as on one process.
-            with self.strategy.whole_params(self.lora_params):
-                lasso = lora_group_lasso(self.model, self.space, masks)
-            self.strategy.backward(task_loss.float() + lasso_weight * lasso)
+            # Backward inside the mask's context: activation checkpointing recomputes layers there.
+            with masked(self.model, self.space, masks):
+                with self.autocast():
+                    task_loss = self.model(**batch).loss
+                # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
+                # the lasso reads the same rows and columns as on one process.
+                with self.strategy.whole_params(self.lora_params):
+                    lasso = lora_group_lasso(self.model, self.space, masks)
+                self.strategy.backward(task_loss.float() + lasso_weight * lasso)
             task_losses.append(task_loss.item())
         self.strategy.step()  # average, clip, optimizer and scheduler step
         metrics = {

@@ -34,6 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides + _distributed_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if config.distributed.use_gpu:
+        from atp_ray.memory_plan import check_run_plan
+
+        print(check_run_plan(config).table())  # refuses a plan that cannot fit distributed.gpu_memory_gib
     if config.distributed.workers is None:
         from atp_ray.atp import run_atp
         from atp_ray.modeling import check_model_reachable
@@ -96,6 +100,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from atp_ray.search.space import load_space
 
     space, base = load_space(args.space, args.overrides, args.trials)  # every problem before Ray starts
+    from atp_ray.search.space import gpu_memory_plan
+
+    plan = gpu_memory_plan(space, base)
+    if plan is not None and plan[0] is not None:
+        print(f"heaviest trial's {plan[0].table()}")
     out = Path(args.out) if args.out else Path("experiments") / Path(args.space).stem
     from atp_ray.search.tuner import new_experiment, run_search
 

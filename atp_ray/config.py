@@ -349,6 +349,12 @@ class TrainConfig(_Section):
     eval_every: int | None = Field(
         None, gt=0, description="steps between held-out evaluations during training (None = at the end only)"
     )
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="recompute each decoder layer's activations in the backward pass instead of keeping them "
+        "(about a third more compute, a fraction of the activation memory); auto = on for a GPU run whose "
+        "memory plan (atp_ray.memory_plan) does not fit the GPU without it, off on CPU",
+    )
 
 
 STRATEGY_NAMES = ("ddp", "zero2", "zero3")
@@ -381,6 +387,12 @@ class DistributedConfig(_Section):
     offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer state in CPU memory")
     offload_params: bool = Field(False, description="ZeRO-3: keep sharded base weights in CPU memory")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches of train.batch_size per LoRA step")
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="memory of one GPU in GiB (as torch.cuda reports it); set, a GPU run whose memory plan "
+        "does not fit is refused before it starts (None = unknown: the plan is printed, not checked)",
+    )
 
     @model_validator(mode="after")
     def _options_fit_strategy(self) -> DistributedConfig:

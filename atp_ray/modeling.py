@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from atp_ray.embedded import EMBEDDED_MODEL, embedded_model_path
 from atp_ray.errors import ModelNotFoundError, RunFolderError
@@ -129,6 +130,29 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
         raise _unreachable(path, err) from None
     check_supported(model.config.model_type)
     return model.eval()
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations (peft models too).
+
+    Non-reentrant checkpointing: the recomputation runs the layer's submodules' forward hooks
+    again, so a backward must run while the masks it was computed under are still applied
+    (inside ``masked``); it keeps the RNG state, so LoRA dropout draws the same masks twice.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def eval_for_backward(model: torch.nn.Module) -> None:
+    """Eval mode (no dropout) for a pass that is still backpropagated, checkpointing kept.
+
+    transformers checkpoints a decoder layer only while that layer's own ``training`` flag is
+    set; nothing else reads that flag (its attention, MLP and LoRA dropout have their own), so
+    it is set back on the layers that checkpoint, and every other module stays in eval mode.
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from atp_ray.config import RunConfig, _describe, _read_mapping, load_config
 from atp_ray.errors import ConfigError
+from atp_ray.memory_plan import MemoryPlan, search_plan
 from atp_ray.search.objectives import OBJECTIVES, Objective
 from atp_ray.search.samplers import SAMPLERS, SamplerFactory, default_population
 
@@ -134,6 +135,12 @@ class Resources(_Strict):
     workers: int = Field(1, ge=1, description="Ray Train workers per trial (1 = the trial trains in-process)")
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="memory of one of the node type's GPUs in GiB (as torch.cuda reports it); set, a GPU space "
+        "whose heaviest trial's memory plan (atp_ray.memory_plan) does not fit is refused (None = unknown, no check)",
+    )
 
 
 class EarlyStopping(_Strict):
@@ -330,4 +337,22 @@ def _config_problems(space: SearchSpace, base: dict[str, Any]) -> list[str]:
                 load_config(copy.deepcopy(base), [_override(key, value)])
             except ConfigError as err:
                 problems += [f"knobs: {key}={value!r}: {p}" for p in err.problems]
+    if not problems and space.resources.gpu_memory_gib is not None:
+        plan = gpu_memory_plan(space, base)
+        problems += plan[1] if plan is not None else []
     return problems
+
+
+def gpu_memory_plan(space: SearchSpace, base: dict[str, Any]) -> tuple[MemoryPlan | None, list[str]] | None:
+    """The memory plan of a GPU space's heaviest trial and its problems (None for a CPU space).
+
+    Problems only when resources.gpu_memory_gib is set: the plan does not fit it, or the
+    model's config cannot be read to make one (then the plan is None).
+    """
+    if space.resources.gpus_per_worker == 0:
+        return None
+    extremes = {key: knob.extremes() for key, knob in space.searched.items()}
+    try:
+        return search_plan(base, extremes, space.resources.gpu_memory_gib)
+    except ConfigError as err:
+        return None, err.problems if space.resources.gpu_memory_gib is not None else []
