@@ -7,6 +7,7 @@ Pareto early-stopping scheduler stops at its first rung.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,9 +29,9 @@ from test_report_browser import browser, front_markers, front_table_ids, open_re
 
 
 
-def write_space(tmp_path, model_dir, trials, points=(), **extra) -> Path:
+def write_space(tmp_path, model_dir, trials, points=(), steps=6, **extra) -> Path:
     base = tiny_run_config(
-        model_dir, train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"}
+        model_dir, train={"steps": steps, "log_every": 2, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"}
     )
     base["data"]["max_documents"] = 200
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -195,6 +196,8 @@ def test_a_trial_with_two_workers_trains_on_ray_train_and_reports_through_tune(r
     # The run's checkpoints went through Ray Train's storage, under the run name the trial gave it.
     train_run = out / "trials" / trial_id / "run" / "ray" / f"exp-{trial_id}"
     assert list(train_run.glob("checkpoint_*"))
+    summary = json.loads((out / "trials" / trial_id / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2  # both workers trained it, in one process group
     reports = [json.loads(line) for line in (out / "tune" / trial_id / "result.json").read_text().splitlines()]
     steps = [r["step"] for r in reports]
     assert steps == [2.0, 4.0, 6.0] and reports[-1]["final"] == 1.0  # intermediate ones from the Train controller
@@ -237,33 +240,127 @@ def _wait_for(condition, timeout: float, what: str, proc=None) -> None:
         time.sleep(0.5)
 
 
-def test_resume_after_the_driver_is_killed_completes_every_trial_once(ray_local, tiny_model_dir, tmp_path):
-    """SIGKILL the search's driver once a trial has finished and another is running; resume."""
-    space = write_space(tmp_path, tiny_model_dir, trials=4, knobs={"atp.sparsity": {"uniform": [0.2, 0.7]}})
+def _fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: its sha256 and modification time (a rewrite with equal bytes shows too)."""
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(ray_local, tiny_model_dir, tmp_path):
+    """SIGKILL the search's driver while trial 2 trains (trial 1 finished, trial 3 not started); resume.
+
+    One at a time, with early stopping on: trials 1 and 2 (lasso 0.01) share their step-2 vector,
+    which dominates trial 3's (lasso 0.1, see the `search` fixture). Between the kill and the
+    resume, the study gets a RUNNING trial, as a driver killed between Optuna's ask and Tune's
+    save leaves it. After the resume:
+
+    - trial 1 was not run again: every file in its folder is unchanged, bytes and mtime;
+    - trial 2 went on from its checkpoint: no step it had checkpointed is trained or reported again;
+    - the orphan study trial was closed FAIL when the searcher was restored, before any trial
+      ended, and the budget holds;
+    - trial 3, facing only trials 1 and 2's records from before the kill, is stopped at step 2
+      (a scheduler restored with empty rungs would let it run out).
+    """
+    import optuna
+    import torch
+
+    from atp_ray.search.scheduler import read_stopped
+
+    points = [
+        {"atp.sparsity": 0.3, "atp.lasso_weight": 0.01},  # finishes before the kill
+        {"atp.sparsity": 0.5, "atp.lasso_weight": 0.01},  # in flight at the kill
+        {"atp.sparsity": 0.6, "atp.lasso_weight": 0.1},  # runs after the resume: stopped at step 2
+    ]
+    knobs = {"atp.sparsity": {"uniform": [0.2, 0.7]}, "atp.lasso_weight": {"loguniform": [0.001, 0.1]}}
+    # 20 steps, so that trial 2 is caught in flight on an idle machine too. eta 2: a trial stops
+    # only when more than half the trials at its rung beat it, so trial 3 stops at step 2 with
+    # trials 1 and 2's records there (2 of 3), and never with at most one of them (1 of 2).
+    # Trials 1 and 2 never beat each other by more than that either, at any rung.
+    steps, early_stopping = 20, {"enabled": True, "grace": 2, "eta": 2}
+    space = write_space(
+        tmp_path, tiny_model_dir, trials=3, points=points, steps=steps, knobs=knobs, concurrency=1,
+        early_stopping=early_stopping,
+    )
     out = tmp_path / "exp"
+    trials, rungs = out / "trials", out / "early_stopping.jsonl"
     address = ray_local.get_runtime_context().gcs_address
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(Path(__file__).parents[1])}
+    # Tune saves its experiment state every second (not every 10 s), so it soon knows trial 2.
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(Path(__file__).parents[1]), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "atp_ray.cli", "search", "--space", str(space), "--out", str(out)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+    def trial_with(sparsity: float) -> Path | None:
+        for record in trials.glob("*/trial.json"):
+            if json.loads(record.read_text())["knobs"]["atp.sparsity"] == sparsity:
+                return record.parent
+        return None
+
+    def trial_2_in_flight() -> bool:
+        first, second = trial_with(0.3), trial_with(0.5)
+        if first is None or second is None or not (first / "objectives.json").is_file():
+            return False
+        saved_by_tune = any(second.name in p.read_text() for p in (out / "tune").glob("experiment_state-*.json"))
+        recorded_at_rung = any(json.loads(line)["trial_id"] == second.name for line in _lines(rungs))
+        run = second / "run"
+        return saved_by_tune and recorded_at_rung and (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
+
     try:
-        trials = out / "trials"
-        finished = lambda: [p for p in trials.glob("*/objectives.json")] if trials.is_dir() else []
-        running = lambda: [p for p in trials.glob("*/trial.json") if json.loads(p.read_text())["status"] == "RUNNING"]
-        _wait_for(lambda: finished() and running() and (out / "tune").is_dir(), 300, "a finished and a running trial", proc)
+        _wait_for(trial_2_in_flight, 300, "trial 1 finished and trial 2 checkpointed", proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert len(finished()) < 4
+        killed_at = time.time()
+    first, second = trial_with(0.3), trial_with(0.5)
+    assert trial_with(0.6) is None
+    first_files = _fingerprint(first)
+    checkpoint_step = torch.load(second / "run" / "checkpoint.pt", weights_only=True)["step"]
+    metrics_before = _lines(second / "run" / "metrics.jsonl")
+    rungs_before = _lines(rungs)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    # A sampled trial, asked by the dead driver for no Tune trial. (Not `study.ask()`: that would
+    # take trial 3's point from the queue the searcher put it in.)
+    study_id = storage.get_study_id_from_name("atp-ray")
+    orphan = storage.get_trial(storage.create_new_trial(study_id)).number
 
     assert main(["resume", str(out)]) == 0
-    table = pd.read_csv(out / "report" / "trials.csv")
-    assert len(table) == 4 and table.trial_id.is_unique
-    assert (table.status == "COMPLETED").all(), table[["trial_id", "status", "failure_reason"]]
-    assert len(list(trials.iterdir())) == 4  # no trial ran that the table does not show
-    states = study_states(out)
-    assert "RUNNING" not in states and states.count("COMPLETE") == 4
+    assert _fingerprint(first) == first_files  # trial 1 was not run again
+    table = pd.read_csv(out / "report" / "trials.csv").set_index("trial_id")
+    third = trial_with(0.6)
+    assert len(table) == 3 and sorted(p.name for p in trials.iterdir()) == sorted(table.index)  # the budget, once each
+    assert table.status.to_dict() == {first.name: "COMPLETED", second.name: "COMPLETED", third.name: "STOPPED"}
+
+    # Trial 2 kept the metrics rows up to its checkpoint and went on from there.
+    metrics_after = _lines(second / "run" / "metrics.jsonl")
+    kept = [line for line in metrics_before if json.loads(line)["step"] <= checkpoint_step]
+    assert kept and metrics_after[: len(kept)] == kept
+    logged = [json.loads(line)["step"] for line in metrics_after]
+    assert logged == sorted(set(logged)) and logged[-1] == steps
+    # (Tune's result.json reaches its storage folder late, so reports are told apart by their time.)
+    reports = [json.loads(line) for line in _lines(out / "tune" / second.name / "result.json")]
+    resumed = [r["step"] for r in reports if r["timestamp"] > killed_at]
+    assert resumed and min(resumed) > checkpoint_step and resumed[-1] == steps
+
+    # The study: the orphan closed on restore, before trial 2 was told; nothing left RUNNING.
+    study = optuna.load_study(study_name="atp-ray", storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[orphan].state.name == "FAIL"
+    assert sorted(states := study_states(out)) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"] and "RUNNING" not in states
+    told_after = [t.datetime_complete for t in study.trials if t.params.get("atp.sparsity") in (0.5, 0.6)]
+    assert len(told_after) == 2 and by_number[orphan].datetime_complete < min(told_after)
+
+    # Early stopping kept its rungs: trial 3 was stopped at step 2 against the records made before the kill.
+    assert _lines(rungs)[: len(rungs_before)] == rungs_before
+    assert {json.loads(line)["trial_id"] for line in rungs_before} == {first.name, second.name}
+    assert set(read_stopped(rungs)) == {third.name} and read_stopped(rungs)[third.name].step == 2.0
 
 
 def test_report_in_a_fresh_process_matches_the_search(search):
