@@ -295,6 +295,11 @@ class MemoryPlan:
     def peak_gib(self) -> float:
         return self.peak_bytes / GIB
 
+    def component(self, prefix: str) -> int:
+        """Bytes of the one component whose name starts with ``prefix`` (e.g. "LoRA grads")."""
+        (found,) = [b for name, b in self.rows if name.startswith(prefix)]
+        return found
+
     def fits(self) -> bool | None:
         """Whether the peak fits the GPU (None: its memory is not known)."""
         return None if self.gpu_memory_gib is None else self.peak_gib <= self.gpu_memory_gib

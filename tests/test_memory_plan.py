@@ -136,30 +136,36 @@ def _checkpointed(model: torch.nn.Module, on: bool) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
-def test_weight_lora_and_optimizer_terms_match_the_real_tensors(name):
+def test_weight_lora_and_optimizer_terms_match_the_real_tensors(name, tiny_model_dir):
+    """The plan's rows for a one-process fp32 run against the model, LoRA, AdamW and generator tensors."""
     base = make_tiny_model(name)
     shape = ModelShape.from_config(base.config)
-    assert shape.base_params == sum(p.numel() for p in base.parameters())
     assert shape.embedding_params == base.get_input_embeddings().weight.numel()
-    layer = base.model.layers[0]
-    assert shape.layer_params == sum(p.numel() for p in layer.parameters())
-
-    model = with_lora(base, TARGETS_SOME if "qwen" in name else ALL_PROJECTIONS)
+    assert shape.layer_params == sum(p.numel() for p in base.model.layers[0].parameters())
     targets = TARGETS_SOME if "qwen" in name else ALL_PROJECTIONS
+    raw = tiny_run_config(tiny_model_dir, lora={"rank": RANK, "target_modules": targets}, atp={"generator_width": 16})
+    plan = plan_memory(load_config(raw), shape)
+    assert plan.component("base weights") == sum(p.nbytes for p in base.parameters())
+
+    model = with_lora(base, targets)
     lora = [p for p in model.parameters() if p.requires_grad]
-    assert shape.lora_params(RANK, targets) == sum(p.numel() for p in lora)
-    # One AdamW step: fp32 gradients and two fp32 moments per LoRA parameter (the plan's 4 + 8 bytes).
+    assert plan.component("LoRA weights") == sum(p.nbytes for p in lora)
+    # One AdamW step: what the plan counts is the gradients plus the two moments.
     optimizer = torch.optim.AdamW(lora)
     ids = torch.randint(0, base.config.vocab_size, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     grad_bytes = sum(p.grad.nbytes for p in lora)
     moment_bytes = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
-    count = shape.lora_params(RANK, targets)
-    assert (sum(p.nbytes for p in lora), grad_bytes, moment_bytes) == (4 * count, 4 * count, 8 * count)
+    assert plan.component("LoRA grads + AdamW") == grad_bytes + moment_bytes
 
     generator = PruningGenerator(shape.space, width=16)
-    assert shape.generator_params(16) == sum(p.numel() for p in generator.parameters())
+    generator_optimizer = torch.optim.AdamW(generator.parameters())
+    sum(m.sum() for m in generator().values()).backward()
+    generator_optimizer.step()
+    held = [*generator.parameters(), *(p.grad for p in generator.parameters())]
+    held += [t for state in generator_optimizer.state.values() for t in state.values() if t.dim() > 0]
+    assert plan.component("generator + AdamW") == sum(t.nbytes for t in held)
 
 
 # -- activation checkpointing in the recipe ---------------------------------------------------
