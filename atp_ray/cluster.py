@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from atp_ray.capacity import AUTOSCALING_CONFIG_ENV
 from atp_ray.cluster_config import DRIVER_RESOURCE, DRIVER_RESOURCE_UNITS, check_cluster_config, load_cluster_config
 from atp_ray.errors import ClusterError
 
@@ -44,6 +48,9 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "models", ".cache", "__pycache_
 # Ray keeps unix sockets under a node's temp dir; their paths must stay under 107 bytes.
 MAX_LOCAL_ROOT_CHARS = 40
 DEFAULT_LOCAL_ROOT = "/tmp/atp-ray-local"
+LOCAL_HEAD_TYPE = "ray.head.default"  # the name Ray's fake multi-node provider gives the head
+LOCAL_WORKER_TYPE = "worker"
+LOCAL_IDLE_MINUTES = 1.0  # an idle local worker node stops after this
 DASHBOARD_PORT = 8265
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -287,13 +294,12 @@ class CloudCluster:
 
 @dataclass
 class LocalCluster:
-    """A head node and a second node on this machine, each with its own ports and temp dir."""
+    """An autoscaling cluster on this machine: a head, and worker nodes started on demand."""
 
     root: Path
     gcs_port: int
     dashboard_port: int
     head_pid: int
-    node_pid: int
 
     @property
     def name(self) -> str:
@@ -435,9 +441,14 @@ def submit_job(cluster: Cluster, command: Sequence[str], *, job_name: str, wait:
     forwarded = {var: os.environ[var] for var in FORWARDED_ENV if var in os.environ}
     if forwarded:
         runtime_env["env_vars"] = forwarded
-    with cluster.job_api() as address:
+    # The runtime env goes in a file only we can read: on a command line, a token in it would
+    # show in every user's `ps`.
+    with cluster.job_api() as address, tempfile.TemporaryDirectory(prefix="atp-job-") as tmp:
+        env_file = Path(tmp) / "runtime_env.json"
+        env_file.touch(mode=0o600)
+        env_file.write_text(json.dumps(runtime_env))
         argv = [ray_cli(), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait"]
-        argv += ["--runtime-env-json", json.dumps(runtime_env)]
+        argv += ["--runtime-env", str(env_file)]
         argv += ["--entrypoint-resources", json.dumps({DRIVER_RESOURCE: 1})]
         _run([*argv, "--", *command], env=cluster.env())
         print(f"submitted job {job_id} to {cluster.name}: {shlex.join(command)}\n{cluster.follow_hint(job_id)}")
@@ -604,7 +615,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _node_args(temp_dir: Path, cpus: int, gpus: int, ports: list[int]) -> list[str]:
+def _node_args(temp_dir: Path, cpus: float, gpus: int, ports: list[int]) -> list[str]:
     """Options every node gets: its own ports (Ray's defaults collide between instances) and temp dir."""
     manager, objects, agent_http, agent_grpc, runtime_env, metrics = ports
     return [
@@ -614,7 +625,7 @@ def _node_args(temp_dir: Path, cpus: int, gpus: int, ports: list[int]) -> list[s
         f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={runtime_env}",
         f"--metrics-export-port={metrics}",
-        f"--num-cpus={cpus}",
+        f"--num-cpus={cpus:g}",
         f"--num-gpus={gpus}",
         "--object-store-memory=100000000",
         f"--temp-dir={temp_dir}",
@@ -680,12 +691,66 @@ def _stop_session(pid: int, grace_s: float = 20) -> None:
     for member in _session_members(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # until the killed are reaped (the leader by us, if it is our child)
+    while _session_members(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+
+
+def local_autoscaling_config(
+    gcs_address: str, *, head_cpus: float, worker_cpus: int, worker_gpus: int, max_workers: int
+) -> dict[str, Any]:
+    """The autoscaler config of a local cluster: Ray's fake multi-node provider, which starts and
+    stops worker nodes as processes on this machine, as a cloud provider starts machines."""
+    worker = {"CPU": worker_cpus, **({"GPU": worker_gpus} if worker_gpus else {})}
+    empty: dict[str, Any] = {}
+    return {
+        "cluster_name": "atp-ray-local",
+        "max_workers": max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": LOCAL_IDLE_MINUTES,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,  # new nodes join this head, not Ray's default port
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            LOCAL_HEAD_TYPE: {
+                "resources": {"CPU": head_cpus, DRIVER_RESOURCE: DRIVER_RESOURCE_UNITS},
+                "node_config": empty,
+                "max_workers": 0,
+            },
+            LOCAL_WORKER_TYPE: {"resources": worker, "node_config": empty, "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": LOCAL_HEAD_TYPE,
+        **{key: {} for key in ("docker", "file_mounts")},
+        **{
+            key: []
+            for key in (
+                "cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands", "setup_commands",
+                "head_setup_commands", "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+            )
+        },
+        "file_mounts_sync_continuously": False,
+    }
 
 
 def local_up(
-    root: str | Path = DEFAULT_LOCAL_ROOT, *, cpus_per_node: int = 2, worker_gpus: int = 0, timeout_s: float = 180
+    root: str | Path = DEFAULT_LOCAL_ROOT,
+    *,
+    cpus_per_node: int = 2,
+    worker_gpus: int = 0,
+    max_workers: int = 2,
+    head_cpus: float = 1,
+    timeout_s: float = 180,
 ) -> LocalCluster:
-    """Start a head (the search driver's node, no GPUs) and a second node on this machine."""
+    """Start an autoscaling cluster on this machine: a head (the search driver's node, no GPUs)
+    and a worker node type (``cpus_per_node`` CPUs, ``worker_gpus`` GPUs) that the autoscaler
+    starts, up to ``max_workers`` nodes, while work waits for it, and stops when idle."""
     root = Path(root).absolute()
     if len(str(root)) > MAX_LOCAL_ROOT_CHARS:
         raise ClusterError(
@@ -700,37 +765,37 @@ def local_up(
     token = root / "auth_token"
     token.write_text(os.urandom(32).hex())
     token.chmod(0o600)
-    ports = _free_ports(16)
-    cluster = LocalCluster(root=root, gcs_port=ports[0], dashboard_port=ports[1], head_pid=0, node_pid=0)
-    env = cluster.env()
+    ports = _free_ports(9)
+    cluster = LocalCluster(root=root, gcs_port=ports[0], dashboard_port=ports[1], head_pid=0)
+    autoscaling = root / "autoscaling.yaml"
+    autoscaling.write_text(
+        yaml.safe_dump(
+            local_autoscaling_config(
+                cluster.address, head_cpus=head_cpus, worker_cpus=cpus_per_node, worker_gpus=worker_gpus,
+                max_workers=max_workers,
+            )
+        )
+    )
+    env = cluster.env() | {"RAY_FAKE_CLUSTER": "1", AUTOSCALING_CONFIG_ENV: str(autoscaling)}
     head = [
         ray,
         "start",
         "--head",
+        "--node-ip-address=127.0.0.1",
         f"--port={cluster.gcs_port}",
+        f"--autoscaling-config={autoscaling}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={cluster.dashboard_port}",
         f"--ray-client-server-port={ports[2]}",
         f"--resources={json.dumps({DRIVER_RESOURCE: DRIVER_RESOURCE_UNITS})}",
-        *_node_args(root / "h", cpus_per_node, 0, ports[3:9]),
+        *_node_args(root / "h", head_cpus, 0, ports[3:9]),
     ]
     cluster.head_pid = _start_node(head, root / "head.log", env, timeout_s)
-    cluster.save()  # from here on, local-down can stop what runs
-    node = [
-        ray,
-        "start",
-        f"--address={cluster.address}",
-        *_node_args(root / "w", cpus_per_node, worker_gpus, ports[9:15]),
-    ]
-    try:
-        cluster.node_pid = _start_node(node, root / "node.log", env, timeout_s)
-    except BaseException:
-        local_down(root)  # no half cluster left behind
-        raise
     cluster.save()
     print(
-        f"local cluster up: head {cluster.address} (pid {cluster.head_pid}), second node pid {cluster.node_pid}\n"
+        f"local cluster up: head {cluster.address} (pid {cluster.head_pid}); worker nodes of {cpus_per_node} CPUs"
+        f"{f', {worker_gpus} GPUs' if worker_gpus else ''} start on demand, up to {max_workers}\n"
         f"  search on it:  atp-ray cluster submit --cluster local:{root} --space search_spaces/demo.yaml\n"
         f"  dashboard: {cluster.dashboard_url} (token in {token})\n"
         f"  stop it:  atp-ray cluster local-down --root {root}"
@@ -739,11 +804,10 @@ def local_up(
 
 
 def local_down(root: str | Path = DEFAULT_LOCAL_ROOT) -> None:
-    """Stop the two nodes of a local cluster by their own pids (second node first)."""
+    """Stop the local cluster by its head's pid: the head and every node it started share its session."""
     cluster = LocalCluster.load(root)
-    for pid in (cluster.node_pid, cluster.head_pid):
-        if _is_node_leader(pid):
-            _stop_session(pid)
+    if _is_node_leader(cluster.head_pid):
+        _stop_session(cluster.head_pid)
     (cluster.root / LocalCluster.STATE_FILE).unlink()
     print(f"local cluster in {cluster.root} stopped")
 
@@ -755,7 +819,9 @@ def local_down(root: str | Path = DEFAULT_LOCAL_ROOT) -> None:
 _HANDLERS = {
     "up": lambda a: cloud_up(a.cluster, yes=a.yes),
     "down": lambda a: cloud_down(a.cluster, yes=a.yes),
-    "local-up": lambda a: local_up(a.root, cpus_per_node=a.cpus_per_node, worker_gpus=a.worker_gpus),
+    "local-up": lambda a: local_up(
+        a.root, cpus_per_node=a.cpus_per_node, worker_gpus=a.worker_gpus, max_workers=a.max_workers
+    ),
     "local-down": lambda a: local_down(a.root),
     "submit": lambda a: submit_search(
         open_cluster(a.cluster), a.space, out=a.out, trials=a.trials, overrides=a.overrides, wait=a.wait
@@ -813,11 +879,12 @@ def add_cluster_parser(commands: argparse._SubParsersAction) -> None:
         f"state and temp dir of the local cluster, at most {MAX_LOCAL_ROOT_CHARS} characters "
         f"(default {DEFAULT_LOCAL_ROOT})"
     )
-    p = verbs.add_parser("local-up", help="start a two-node Ray cluster on this machine")
+    p = verbs.add_parser("local-up", help="start an autoscaling Ray cluster on this machine")
     p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)
-    p.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node offers (default 2)")
+    p.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each worker node offers (default 2)")
     p.add_argument(
-        "--worker-gpus", type=int, default=0, help="GPUs the second node offers (default 0; the head has none)"
+        "--worker-gpus", type=int, default=0, help="GPUs each worker node offers (default 0; the head has none)"
     )
+    p.add_argument("--max-workers", type=int, default=2, help="worker nodes the autoscaler may start (default 2)")
     p = verbs.add_parser("local-down", help="stop the local cluster's nodes by their pids")
     p.add_argument("--root", default=os.environ.get("ATP_RAY_LOCAL_CLUSTER", DEFAULT_LOCAL_ROOT), help=root_help)

@@ -129,6 +129,11 @@ def atp_ray_problems(config: dict[str, Any]) -> list[str]:
             "setup_commands: must run scripts/bootstrap.sh with PYTHON=python3.11: requirements.lock, which "
             "pins the nodes' Ray to the job client's, is for CPython 3.11"
         )
+    if "torch.cuda.is_available()" not in "\n".join(config.get("worker_setup_commands", [])):
+        problems.append(
+            "worker_setup_commands: must fail a GPU node whose driver cannot run torch's CUDA "
+            "(check torch.cuda.is_available()), or trials would train on no GPU"
+        )
     if "HF_HOME=" not in setup:
         problems.append("setup_commands: must export HF_HOME onto the large disk")
 

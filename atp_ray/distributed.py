@@ -197,6 +197,28 @@ def preflight(config: RunConfig, run_dir: Path) -> None:
     RunFolder(run_dir).check_can_run(config.to_dict())
 
 
+def stage_on_a_worker_node(config: RunConfig) -> Callable[..., Any]:
+    """A runner for one trial's model-sized stages (dense reference, compression, final objectives):
+    each runs as a Ray task holding one worker's resources, so on a node of the kind the workers
+    train on (a GPU node for a GPU run), never on the driver's GPU-less head. Each task is named
+    ``atp-ray:<stage>`` in Ray's state API."""
+    import ray
+
+    bundle = worker_bundle(config, worker_cpus(config, node_cpus(cluster_node_types())))
+
+    def run(stage: Callable[..., Any], *args: Any) -> Any:
+        task = ray.remote(stage).options(
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            name=f"atp-ray:{stage.__name__}",
+            max_retries=0,
+            scheduling_strategy="DEFAULT",  # not the trial driver's placement group, which Tune's tasks inherit
+        )
+        return ray.get(task.remote(*args))
+
+    return run
+
+
 def worker_bundle(config: RunConfig, cpus_per_worker: float) -> dict[str, float]:
     """What one Ray Train worker reserves."""
     dist = config.distributed

@@ -81,17 +81,13 @@ def run_trial(
     if done is not None:
         _send(report, {**done, "step": float(config.train.steps), "final": 1.0})
         return done
-    device = _device(config)
-    reference = dense_reference(config.model.path, config.model.dtype, objectives, device, folder.reference)
+    on_model_node = _stage_runner(config, workers)
+    reference = on_model_node(reference_stage, config, objectives, folder)
     if not folder.run.is_finished():
         folder.root.mkdir(parents=True, exist_ok=True)
         step_report = _StepReport(objectives, reference, report)
         _train(config, folder.run.root, step_report, workers, name)
-    if not is_compressed(folder.compressed):
-        compress_run(folder.run.root, folder.compressed)
-    values = final_objectives(
-        folder.compressed, objectives, FINAL_EVAL_BLOCKS, config.train.batch_size, device
-    )
+    values = on_model_node(final_stage, config, objectives, folder)
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise TrialDiverged(f"trial {folder.root.name}: non-finite final objective(s) {bad}")
@@ -104,6 +100,34 @@ def _device(config: RunConfig) -> str:
     if config.train.device != "auto":
         return config.train.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- the model-sized stages: where the trial trains (see _stage_runner) --------------------------
+
+
+def reference_stage(config: RunConfig, objectives: list[Objective], folder: TrialFolder) -> dict[str, float]:
+    """The dense model's speed figures (cached in the trial folder), on this process's device."""
+    return dense_reference(config.model.path, config.model.dtype, objectives, _device(config), folder.reference)
+
+
+def final_stage(config: RunConfig, objectives: list[Objective], folder: TrialFolder) -> Objectives:
+    """Compress the finished run (unless done) and measure the final objectives, in the run's dtype."""
+    if not is_compressed(folder.compressed):
+        compress_run(folder.run.root, folder.compressed)
+    return final_objectives(
+        folder.compressed, objectives, FINAL_EVAL_BLOCKS, config.train.batch_size, _device(config), config.model.dtype
+    )
+
+
+def _stage_runner(config: RunConfig, workers: int) -> Callable[..., Any]:
+    """How to run a model-sized stage: here, or, for a multi-worker trial, on a node of the kind its
+    workers train on (a Ray task with one worker's resources): its driver sits on a GPU-less
+    head, and latency must be that of the GPU the model will serve on."""
+    if workers > 1:
+        from atp_ray.distributed import stage_on_a_worker_node
+
+        return stage_on_a_worker_node(config)
+    return lambda stage, *args: stage(*args)
 
 
 def _train(config: RunConfig, run_dir: Path, step_report: _StepReport, workers: int, name: str | None) -> None:

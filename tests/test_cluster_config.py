@@ -115,6 +115,7 @@ BREAKAGES = {
         lambda c: c["setup_commands"].__setitem__(1, c["setup_commands"][1].replace("PYTHON=python3.11 ", "")),
         "PYTHON=python3.11",
     ),
+    "no CUDA check on GPU nodes": (lambda c: c.update(worker_setup_commands=[]), "torch.cuda.is_available()"),
     "no HF_HOME": (lambda c: c["setup_commands"].pop(2), "HF_HOME"),
     "storage not mounted": (lambda c: c["setup_commands"].pop(3), "must mount the shared file system"),
     "bucket of another cloud": (lambda c: c["metadata"]["atp_ray"].update(storage="gs://b/x"), "s3://"),

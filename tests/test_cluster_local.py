@@ -1,19 +1,27 @@
-"""The one-machine cluster: a head and a second Ray node started by ``local_up``, jobs submitted to it.
+"""The one-machine autoscaling cluster of ``local_up``: a head with too little for one trial, and
+worker nodes that Ray's fake multi-node provider starts while work waits for them.
 
-Search-shaped jobs run ``tests/cluster_job.py`` (same command line as ``atp-ray search``,
-real Ray tasks spread over both nodes); the test marked ``real_search`` runs ``atp-ray
-search`` itself once that command exists.
+The default-suite test runs a real ``atp-ray search`` on it (two 2-worker trials: the autoscaler
+adds both worker nodes, the trials run at once, every model-sized stage runs on a worker node).
+The slow ones submit jobs: ``tests/cluster_job.py`` stands in for the search where only the job
+plumbing is under test (same command line, real Ray tasks), and a real search is stopped and
+resumed, and resumed again on a new head after the first one is killed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 from atp_ray import cluster as cl
 from atp_ray.errors import ClusterError
@@ -22,18 +30,28 @@ STAND_IN = cl.JobCommands(program=("python", "tests/cluster_job.py"))
 SPACE = "tests/cluster_job.py"  # any file of the checkout: the stand-in only reads it
 
 
+def _start(root: Path) -> cl.LocalCluster:
+    """A local cluster: a 1-CPU head with the search driver's resource, up to two 2-CPU worker nodes."""
+    return cl.local_up(root, cpus_per_node=2, max_workers=2)
+
+
+def _stop(cluster: cl.LocalCluster) -> None:
+    cl.local_down(cluster.root)
+    # Every process the head's `ray start` began is gone (it ran in a session of its own,
+    # and the worker nodes the autoscaler started are its children).
+    assert not cl._session_members(cluster.head_pid)
+
+
 @pytest.fixture(scope="session")
 def local_cluster():
-    """A two-node cluster for the session; a short root under /tmp keeps Ray's socket paths legal."""
+    """One autoscaling cluster for the session; a short root under /tmp keeps Ray's socket paths legal."""
     root = Path(tempfile.mkdtemp(prefix="atpc-", dir="/tmp"))
-    cluster = cl.local_up(root, cpus_per_node=2)
+    cluster = _start(root)
     try:
         yield cluster
     finally:
-        cl.local_down(root)
+        _stop(cluster)
         shutil.rmtree(root, ignore_errors=True)
-    # Every process the two `ray start` commands began is gone (they ran in sessions of their own).
-    assert not cl._session_members(cluster.head_pid) and not cl._session_members(cluster.node_pid)
 
 
 def _task_nodes(cluster: cl.LocalCluster, submission_id: str) -> set[str]:
@@ -48,22 +66,27 @@ def _trials(experiment: Path) -> dict[int, dict]:
     return {r["trial"]: r for r in (json.loads(p.read_text()) for p in (experiment / "trials").glob("trial_*.json"))}
 
 
-def test_job_runs_on_both_nodes_and_its_report_comes_back(local_cluster, tmp_path, monkeypatch):
-    """Measured here: 35-45 s, plus 35-45 s to start the session's two nodes and 8-10 s to stop them."""
+@pytest.mark.slow
+def test_job_runs_on_nodes_the_autoscaler_adds_and_its_report_comes_back(local_cluster, tmp_path, monkeypatch):
+    """The job plumbing, with the stand-in: four 5 s one-CPU tasks on a head of one CPU."""
     experiment = tmp_path / "exp"
-    monkeypatch.setenv("HF_TOKEN", "hf_test")  # set after the nodes started: only the job can carry it
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # set after the head started: only the job can carry it
+    command_lines = []
+    run = cl._run
+    monkeypatch.setattr(cl, "_run", lambda argv, **kw: command_lines.append(argv) or run(argv, **kw))
     job_id, where = cl.submit_search(
-        local_cluster, SPACE, out=str(experiment), trials=4, overrides=["sleep_s=1"], commands=STAND_IN, wait=True
+        local_cluster, SPACE, out=str(experiment), trials=4, overrides=["sleep_s=5"], commands=STAND_IN, wait=True
     )
     assert where == str(experiment)
     assert cl.job_status(local_cluster, job_id) == "SUCCEEDED"
+    assert not any("hf_test" in " ".join(argv) for argv in command_lines), "a secret on a command line"
 
     trials = _trials(experiment)
     assert sorted(trials) == [0, 1, 2, 3]
     (driver,) = [json.loads(p.read_text()) for p in (experiment / "drivers").glob("*.json")]
-    assert len(driver["nodes"]) == 2
-    assert {t["node"] for t in trials.values()} == set(driver["nodes"]), "trials ran on both nodes"
-    assert _task_nodes(local_cluster, job_id) == set(driver["nodes"]), "and Ray's own records agree"
+    assert list(driver["nodes"]) == [driver["driver_node"]], "the job started on the head alone"
+    assert {t["node"] for t in trials.values()} - {driver["driver_node"]}, "trials ran on nodes added for them"
+    assert {t["node"] for t in trials.values()} <= _task_nodes(local_cluster, job_id), "Ray's own records agree"
     # The driver asked for the head-only resource, so it ran on the head, which has no GPUs.
     assert driver["hf_token"] == "hf_test"
     head = driver["nodes"][driver["driver_node"]]
@@ -71,6 +94,79 @@ def test_job_runs_on_both_nodes_and_its_report_comes_back(local_cluster, tmp_pat
 
     report = cl.fetch_report(local_cluster, str(experiment), tmp_path / "fetched", commands=STAND_IN)
     assert {r["trial"] for r in json.loads((report / "report.json").read_text())["trials"]} == {0, 1, 2, 3}
+
+
+def _tiny_space(tmp_path: Path, model_dir: Path, trials: int) -> Path:
+    """Trials of 2 Ray Train workers x 1 CPU on the tiny model: none fits the 1-CPU head."""
+    from tests.conftest import tiny_run_config
+
+    base = tiny_run_config(
+        model_dir, train={"steps": 4, "log_every": 2, "checkpoint_every": 2, "eval_every": 2, "device": "cpu"}
+    )
+    base["data"]["max_documents"] = 200
+    space = {
+        "base": base,
+        "knobs": {"atp.sparsity": {"uniform": [0.2, 0.6]}},
+        "objectives": [{"name": "quality"}, {"name": "params"}],
+        "sampler": {"name": "random", "seed": 0},
+        "trials": trials,
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _search_env(cluster: cl.LocalCluster) -> dict[str, str]:
+    """A driver on the head: the cluster's address and token, its autoscaling config where ``ray up`` keeps one."""
+    return {
+        **cluster.env(),
+        "RAY_ADDRESS": cluster.address,
+        "ATP_RAY_AUTOSCALING_CONFIG": str(cluster.root / "autoscaling.yaml"),
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+
+
+def _state(cluster: cl.LocalCluster, kind: str, **filters: str) -> list[dict]:
+    """Rows of Ray's state API (tasks, actors, nodes) on the cluster's dashboard."""
+    query = "detail=1&limit=10000" + "".join(
+        f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items()
+    )
+    return cl._get_json(f"{cluster.dashboard_url}/api/v0/{kind}?{query}", cluster.token_path())["data"]["result"]["result"]
+
+
+def test_real_search_waits_for_the_autoscaler_and_keeps_models_off_the_head(local_cluster, tiny_model_dir, tmp_path):
+    """Two trials of 2 workers x 1 CPU on a 1-CPU head: refused before the autoscaler could act, once.
+    Now both trials wait, the autoscaler adds the two 2-CPU nodes, they run at once (concurrency
+    from the node types), and every model-sized stage runs on a worker node."""
+    out = tmp_path / "exp"
+    space = _tiny_space(tmp_path, tiny_model_dir, 2)
+    log = (tmp_path / "search.log").open("w")  # a file, not a pipe: nobody reads a pipe while we poll
+    search = subprocess.Popen(
+        [sys.executable, "-m", "atp_ray.cli", "search", "--space", str(space), "--out", str(out)],
+        env=_search_env(local_cluster), stdout=log, stderr=subprocess.STDOUT,
+    )
+    most_workers = 0  # Ray Train workers alive at once, sampled from Ray's state API while it runs
+    deadline = time.monotonic() + 900
+    while search.poll() is None and time.monotonic() < deadline:
+        alive = _state(local_cluster, "actors", class_name="RayTrainWorker", state="ALIVE")
+        most_workers = max(most_workers, len(alive))
+        time.sleep(1)
+    search.kill()
+    search.wait()
+    output = (tmp_path / "search.log").read_text()
+    assert search.returncode == 0, output[-3000:]
+    assert "2 trials, 2 at once" in output
+    table = pd.read_csv(out / "report" / "trials.csv")
+    assert (table.status == "COMPLETED").all() and len(table) == 2, table.failure_reason.tolist()
+    assert most_workers == 4, "the two trials trained at once"
+
+    (head,) = [n["node_id"] for n in _state(local_cluster, "nodes") if n["is_head_node"]]
+    workers = _state(local_cluster, "actors", class_name="RayTrainWorker")
+    stages = sorted((t for t in _state(local_cluster, "tasks") if t["name"].startswith("atp-ray:")), key=lambda t: t["name"])
+    assert len(workers) == 4
+    assert [t["name"] for t in stages] == ["atp-ray:final_stage"] * 2 + ["atp-ray:reference_stage"] * 2
+    assert all(r["node_id"] != head for r in workers + stages), "a model was loaded on the head"
 
 
 @pytest.mark.slow

@@ -31,11 +31,12 @@ def tiny_cpu_space(name: str, model_dir: Path, out: Path) -> Path:
     base.setdefault("train", {}).update(
         steps=4, warmup_steps=0, log_every=2, eval_every=2, checkpoint_every=2, precision="fp32", device="cpu"
     )
+    base.pop("distributed", None)  # ZeRO shards over GPUs; one CPU process per trial here
     space["base"] = base
     space["overrides"] = {k: v for k, v in space.get("overrides", {}).items() if not k.startswith(("train.", "data."))}
     space["trials"] = 2
     if space.get("resources", {}).get("gpus_per_worker", 0) > 0:  # a GPU space: one CPU process per trial
-        space["resources"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+        space["resources"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}  # no GPU memory to plan
         space["concurrency"] = 2
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))

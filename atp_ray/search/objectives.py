@@ -83,29 +83,36 @@ class Objective:
 
 
 def final_objectives(
-    compressed: Path, objectives: list[Objective], eval_blocks: int, batch_size: int, device: str
+    compressed: Path,
+    objectives: list[Objective],
+    eval_blocks: int,
+    batch_size: int,
+    device: str,
+    dtype: str = "float32",
 ) -> dict[str, float]:
-    """Measure every objective on a compressed model folder."""
+    """Measure every objective on a compressed model folder, loaded in ``dtype`` on ``device``."""
     from atp_ray.compress import read_record
 
     names = {o.name for o in objectives}
     values: dict[str, float] = {}
     if "quality" in names:
-        values["quality"] = _task_value(compressed, "domain-ppl", "perplexity", eval_blocks, batch_size, device)
+        values["quality"] = _task_value(compressed, "domain-ppl", "perplexity", eval_blocks, batch_size, device, dtype)
     if "params" in names:
         values["params"] = float(read_record(compressed).params)
-    values |= {k: v for k, v in _speed(compressed, names, device).items() if k in names}
+    values |= {k: v for k, v in _speed(compressed, names, device, dtype).items() if k in names}
     for o in objectives:
         if o.name == "accuracy":
-            values["accuracy"] = _task_value(compressed, o.task, "accuracy", o.max_samples, batch_size, device)
+            values["accuracy"] = _task_value(compressed, o.task, "accuracy", o.max_samples, batch_size, device, dtype)
     return values
 
 
-def _task_value(model: Path | str, task: str, metric: str, samples: int, batch_size: int, device: str) -> float:
+def _task_value(
+    model: Path | str, task: str, metric: str, samples: int, batch_size: int, device: str, dtype: str
+) -> float:
     """One metric of one task, scored by ``atp-ray eval``'s own recipe."""
     from atp_ray.eval_recipe import run_eval
 
-    report = run_eval(str(model), [task], max_samples=samples, batch_size=batch_size, device=device)
+    report = run_eval(str(model), [task], max_samples=samples, batch_size=batch_size, dtype=dtype, device=device)
     (result,) = report["tasks"].values()
     return float(result["values"][metric])
 

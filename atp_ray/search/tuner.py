@@ -407,16 +407,15 @@ def trial_resources(space: SearchSpace, cluster: dict[str, float]) -> dict[str, 
 
 
 def default_concurrency(space: SearchSpace) -> int:
-    """Trials that fit the cluster at once: by GPUs when trials use GPUs, else by CPUs."""
-    import ray
+    """The space's ``concurrency``, else the trials the cluster holds at once at its largest:
+    its node types times their max workers (an autoscaling cluster starts with no GPU node)."""
+    from atp_ray.capacity import cluster_node_types, trials_at_once
 
     if space.concurrency:
         return space.concurrency
     res = space.resources
-    cluster = ray.cluster_resources()
-    if res.gpus_per_worker > 0:
-        return max(1, int(cluster.get("GPU", 0) // (res.workers * res.gpus_per_worker)))
-    return max(1, int(cluster.get("CPU", 1) // (res.workers * res.cpus_per_worker)))
+    bundle = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+    return trials_at_once(cluster_node_types(), bundle, res.workers)
 
 
 def _trainable_for(experiment: Experiment) -> Any:
