@@ -1,5 +1,7 @@
-"""The report page in a real headless Chromium: the plots render, the knob dropdown recolours,
-nothing is fetched from the network and the console stays free of errors.
+"""The report page in a real headless Chromium: the plots render, front members are drawn as
+such, the knob dropdown recolours, nothing is fetched from the network and the console stays
+free of errors. Here on a synthetic table; test_search.py opens a real search's report with the
+same fixture and helpers.
 
 Needs Debian's `chromium` (scripts/test.sh installs it) and the `playwright` Python package
 (dev extra), which drives that browser; Playwright's own browser downloads are never used.
