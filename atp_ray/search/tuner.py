@@ -24,9 +24,9 @@ import pickle
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -54,12 +54,32 @@ DRIVER_CPU = 0.1
 
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment folder and what ``search.json`` says about it."""
+    """An experiment folder and what ``search.json`` says about it.
+
+    Paths in ``search.json`` outlive the machine that wrote them. A search's driver may run in
+    a Ray job's uploaded copy of the checkout (``/tmp/ray/session_*/runtime_resources/...`` on
+    the head), which a new head, after a lost one, does not have. So when ``search.json`` is
+    written, every absolute path in the base run config (and Tune's storage path) that lies
+
+    - inside the experiment folder is stored as ``${experiment}/REL``, and
+    - else inside the driver's working directory (``workdir``) as ``${workdir}/REL``;
+
+    any other path is stored as it is. :meth:`open` resolves them again, in every process that
+    opens the experiment (each trial does, when it builds its run config): ``${experiment}``
+    against the folder as it is found now, ``${workdir}`` against the ``workdir`` recorded in
+    ``search.json``. That is the working directory of the driver that started the search, until
+    a resume finds it gone: the resuming driver records its own (:meth:`resumed_here`), so a
+    resumed job on a new head, with a new upload of the checkout, finds the same files there.
+    """
 
     root: Path
     space: SearchSpace
-    base: dict[str, Any]  # the resolved base run config (raw)
+    base: dict[str, Any]  # the resolved base run config (raw): its paths absolute on this machine
     storage: str  # Tune's storage_path
+    workdir: Path | None = None  # the driver's working directory (None: a search.json from before it was kept)
+
+    EXPERIMENT_DIR: ClassVar[str] = "${experiment}"
+    WORKDIR: ClassVar[str] = "${workdir}"
 
     @property
     def trials(self) -> Path:
@@ -74,11 +94,69 @@ class Experiment:
         return f"{self.storage.rstrip('/')}/{TUNE_NAME}"
 
     def save(self) -> None:
+        """Write ``search.json``, its paths relative to the experiment folder or the working dir."""
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             self.root / SEARCH_FILE,
-            {"space": self.space.model_dump(mode="json", by_alias=True), "base": self.base, "storage": self.storage},
+            {
+                "space": self.space.model_dump(mode="json", by_alias=True),
+                "base": self._portable(self.base),
+                "storage": self._portable(self.storage),
+                "workdir": None if self.workdir is None else str(self.workdir),
+            },
         )
+
+    def resumed_here(self, workdir: Path | None = None) -> Experiment:
+        """This experiment as a driver in ``workdir`` (default: the current one) resumes it.
+
+        While the recorded working dir exists, it stays (a resume from another directory of
+        the same machine finds the files the search started with). Once it is gone, with the
+        head that held a job's upload of it, ``workdir`` takes its place and is saved, so the
+        trials this driver starts resolve ``${workdir}`` paths in the new upload.
+        """
+        workdir = (workdir or Path.cwd()).resolve()
+        if self.workdir is None or self.workdir.is_dir() or self.workdir == workdir:
+            return self
+        log.warning(
+            "the search's working dir %s is gone (with its head?); its paths now resolve in %s", self.workdir, workdir
+        )
+        portable = self._portable(self.base)
+        moved = replace(self, workdir=workdir)
+        moved = replace(moved, base=moved._resolved(portable))
+        moved.save()
+        return moved
+
+    def _places(self) -> list[tuple[str, Path]]:
+        # The experiment first: it may lie inside the working dir (``--out experiments/x``).
+        places = [(self.EXPERIMENT_DIR, self.root)]
+        return places + ([(self.WORKDIR, self.workdir)] if self.workdir is not None else [])
+
+    def _portable(self, value: Any) -> Any:
+        """``value`` (a nested config) with absolute paths under a place written from that place."""
+        if isinstance(value, dict):
+            return {k: self._portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._portable(v) for v in value]
+        if not isinstance(value, str) or not value.startswith("/"):
+            return value  # hub ids, URIs, templates and numbers are no paths of this machine
+        for name, place in self._places():
+            if Path(value).is_relative_to(place):
+                relative = Path(value).relative_to(place).as_posix()
+                return name if relative == "." else f"{name}/{relative}"
+        return value
+
+    def _resolved(self, value: Any) -> Any:
+        """The inverse of :meth:`_portable`: each ``${place}`` prefix replaced by that place."""
+        if isinstance(value, dict):
+            return {k: self._resolved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._resolved(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        for name, place in self._places():
+            if value == name or value.startswith(name + "/"):
+                return str(place) + value[len(name) :]
+        return value
 
     @classmethod
     def open(cls, root: str | Path, *, resuming: bool = False) -> Experiment:
@@ -96,7 +174,9 @@ class Experiment:
         if not path.is_file():
             raise ConfigError([f"{root}: not an experiment folder ({SEARCH_FILE} is missing)"])
         data = json.loads(path.read_text())
-        experiment = cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"])
+        workdir = Path(data["workdir"]) if data.get("workdir") else None
+        stored = cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"], workdir)
+        experiment = replace(stored, base=stored._resolved(stored.base), storage=stored._resolved(stored.storage))
         if not resuming:
             return experiment
         if not tune.Tuner.can_restore(experiment.tune_path):
@@ -136,7 +216,8 @@ def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -
     started = any((root / name).exists() for name in (STUDY_FILE, TUNE_NAME, TRIALS_DIR))
     if (root / SEARCH_FILE).exists() and started:
         raise ConfigError([f"--out: {root} already holds a search; continue it with `atp-ray resume {root}`"])
-    experiment = Experiment(root, space, base, space.storage or str(root))
+    # ``base`` came from load_space: its local paths made absolute against this working dir.
+    experiment = Experiment(root, space, base, space.storage or str(root), workdir=Path.cwd().resolve())
     experiment.save()
     return experiment
 
@@ -483,7 +564,12 @@ def run_search(experiment: Experiment) -> Any:
 
 def resume_search(experiment: Experiment, retry_failed: bool = False) -> Any:
     """Continue a search whose driver stopped: finished trials kept, unfinished ones resumed
-    from their checkpoints (and trial folders), errored ones retried when asked."""
+    from their checkpoints (and trial folders), errored ones retried when asked.
+
+    Runs in this process's working directory: when the search's own is gone (its head lost),
+    the trials resolve the base config's ``${workdir}`` paths here (see :class:`Experiment`).
+    """
+    experiment = experiment.resumed_here()
     tuner = tune.Tuner.restore(
         experiment.tune_path,
         trainable=_trainable_for(experiment),
