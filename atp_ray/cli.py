@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,7 +138,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported trial {args.trial}: {out} (load with atp_ray.load_compressed)")
 
 
-DRIVER_FILE = "driver.pid"  # in an experiment folder while a search or resume runs
+DRIVER_FILE = "driver.pid"  # in an experiment folder while a search or resume runs: {"host", "pid"}
+# From another host a driver's pid cannot be checked: its search counts as stopped once the
+# experiment's state has not changed for this long (Tune saves its state every 10 s or so).
+STALE_DRIVER_S = 600.0
 RAY_CONNECT_TIMEOUT_S = 5.0  # for the one TCP connect that tells whether a Ray address answers
 
 
@@ -176,7 +181,7 @@ def _driver(root: Path) -> Iterator[None]:
             init_ray()
         except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster running
             raise ClusterError(f"cannot join the Ray cluster: {err}") from None
-    (root / DRIVER_FILE).write_text(str(os.getpid()))
+    (root / DRIVER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
         yield
     finally:
@@ -185,17 +190,40 @@ def _driver(root: Path) -> Iterator[None]:
             ray.shutdown()
 
 
-def _search_running(root: Path) -> bool:
+def _search_running(root: Path) -> tuple[bool, str | None]:
+    """Whether a search or resume drives the experiment in ``root`` now, and a note on who does.
+
+    ``driver.pid`` names the driver's host and pid. On that host, the pid answers. From another
+    host (the folder is on shared storage; the driver may have died with its head), a pid says
+    nothing, so the search counts as running while the experiment's state (Tune's experiment
+    state, the study journal, or else driver.pid itself) changed within ``STALE_DRIVER_S``; the
+    note names the holder either way. A bare pid (written before hosts were kept) is this host's.
+    """
     pid_file = root / DRIVER_FILE
     if not pid_file.is_file():
-        return False
+        return False, None
+    text = pid_file.read_text().strip()
     try:
-        os.kill(int(pid_file.read_text()), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+        holder = json.loads(text) if text.startswith("{") else {"host": socket.gethostname(), "pid": int(text)}
+        host, pid = str(holder["host"]), int(holder["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False, f"{pid_file}: unreadable ({text[:40]!r}); taken as no running search"
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False, None
+        except PermissionError:  # alive, another user's
+            pass
+        return True, None
+    from atp_ray.search.tuner import STUDY_FILE, TUNE_NAME
+
+    beats = [pid_file, root / STUDY_FILE, *(root / TUNE_NAME).glob("experiment_state-*.json")]
+    idle_s = time.time() - max(p.stat().st_mtime for p in beats if p.exists())
+    running = idle_s < STALE_DRIVER_S
+    verdict = "taken as running" if running else f"no change for {STALE_DRIVER_S / 60:.0f} min: taken as stopped"
+    note = f"{DRIVER_FILE}: held by pid {pid} on host {host}, not this one; its state changed {idle_s:.0f} s ago"
+    return running, f"{note}, {verdict}"
 
 
 def _report(experiment_dir: Path, show_front: bool) -> None:
@@ -205,7 +233,9 @@ def _report(experiment_dir: Path, show_front: bool) -> None:
     from atp_ray.search.tuner import Experiment
 
     experiment = Experiment.open(experiment_dir)
-    running = _search_running(experiment.root)
+    running, holder = _search_running(experiment.root)
+    if holder:
+        print(holder)
     table = trial_table(experiment, running=running)
     objectives = {o.name: o.mode for o in experiment.space.objective_list()}
     out = experiment.root / "report"
