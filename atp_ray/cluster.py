@@ -507,7 +507,27 @@ def submit_search(
     commands: JobCommands = JobCommands(),
     wait: bool = False,
 ) -> tuple[str, str]:
-    """Submit a search as a Ray job; returns (job id, experiment dir)."""
+    """Submit a search as a Ray job; returns (job id, experiment dir).
+
+    An ``out`` that already holds a search with Tune state (one stopped, or whose head was
+    lost) is resumed instead, as ``resume`` would (the space, trials and overrides given are
+    not used: the experiment keeps its own), so no second search writes into its folder. That
+    is checked here when ``out`` is readable from this machine (the local cluster, a mounted
+    share); otherwise the job's ``atp-ray search`` refuses the folder and names ``resume``.
+    """
+    if out is not None and not _is_uri(out) and (Path(out) / "search.json").is_file():
+        from ray import tune
+
+        from atp_ray.errors import ATPRayError
+        from atp_ray.search.tuner import Experiment
+
+        try:
+            resumable = tune.Tuner.can_restore(Experiment.open(out).tune_path)
+        except (ATPRayError, OSError, ValueError):  # a damaged search.json, a bucket we lack access to
+            resumable = False  # the job's `atp-ray search` says what is wrong
+        if resumable:
+            print(f"{out} already holds a search: resuming it (its own space and budget) instead of starting another")
+            return resume_search(cluster, out, commands=commands, wait=wait), out
     root = project_root()
     space_path = Path(space).resolve()
     if not space_path.is_file():
