@@ -218,7 +218,8 @@ class ParetoEarlyStopping(FIFOScheduler):
     def _vector(self, result: Mapping) -> list[float] | None:
         if self.time_attr not in result or any(m not in result for m in self.metrics):
             return None
-        return [result[m] for m in self.metrics]
+        vector = [result[m] for m in self.metrics]
+        return vector if all(math.isfinite(v) for v in vector) else None  # a diverged trial ranks nowhere
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         vector = self._vector(result)

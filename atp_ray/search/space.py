@@ -166,6 +166,9 @@ class SearchSpace(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     trials: int = Field(8, gt=0)
     concurrency: int | None = Field(None, gt=0)
+    retries: int = Field(
+        2, ge=0, description="times a trial that errors (a lost node or worker) is retried from its last checkpoint"
+    )
     resources: Resources = Field(default_factory=Resources)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)

@@ -370,34 +370,51 @@ def trainable(params: dict[str, Any], experiment_dir: str) -> None:
     record = _Record(folder, params)
     workers = experiment.space.resources.workers
     reporter = _TrainToTune() if workers > 1 else _TuneReporter(folder)
+    objectives = experiment.space.objective_list()
     try:
         run_trial(
             config,
             folder.root,
-            objectives=experiment.space.objective_list(),
+            objectives=objectives,
             report=reporter,
             workers=workers,
             name=f"{experiment.root.name}-{trial_id}",
         )
-    except TrialDiverged as err:
-        record.close("FAILED", str(err))
-        raise
     except SystemExit:  # Tune ends a function trainable that its scheduler stopped this way
         record.close("STOPPED", None)
         raise
     except BaseException as err:
-        record.close("FAILED", f"{type(err).__name__}: {err}")
-        raise
+        if not _diverged(err):  # a lost node or worker, or a bug: Tune retries it (FailureConfig)
+            record.close("FAILED", f"{type(err).__name__}: {err}")
+            raise
+        # Diverged: a result of the knobs, not an accident, so never retried. The trial ends
+        # normally with non-finite objectives: Optuna records FAIL, the front skips it.
+        record.close("FAILED", _diverged(err))
+        tune.report({**{o.name: math.nan for o in objectives}, "step": float(config.train.steps), "final": 1.0})
+        return
     record.close("COMPLETED" if reporter.final else "STOPPED", None)
 
 
+def _diverged(err: BaseException) -> str | None:
+    """The divergence behind ``err``, if any: a TrialDiverged in its chain, or named in the text
+    of a Ray Train failure (a multi-worker trial's workers raise it in other processes)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, TrialDiverged):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    return text[text.index("TrialDiverged") :].splitlines()[0] if "TrialDiverged" in text else None
+
+
 class _Record:
-    """trial.json: the knobs, status, failure reason and wall time (summed over attempts)."""
+    """trial.json: the knobs, status, failure reason, attempts and wall time (summed over attempts)."""
 
     def __init__(self, folder: TrialFolder, params: dict[str, Any]):
         self.path = folder.root / RECORD_FILE
         previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.spent = previous.get("wall_time_s", 0.0)
+        self.attempts = previous.get("attempts", 0) + 1  # a retry, or a resume after the driver died
         self.started = time.monotonic()
         self.params = params
         self._write("RUNNING", None)
@@ -405,7 +422,14 @@ class _Record:
     def _write(self, status: str, reason: str | None) -> None:
         wall = self.spent + time.monotonic() - self.started
         atomic_write_json(
-            self.path, {"status": status, "failure_reason": reason, "wall_time_s": round(wall, 2), "knobs": self.params}
+            self.path,
+            {
+                "status": status,
+                "failure_reason": reason,
+                "attempts": self.attempts,
+                "wall_time_s": round(wall, 2),
+                "knobs": self.params,
+            },
         )
 
     def close(self, status: str, reason: str | None) -> None:
@@ -436,13 +460,14 @@ class _TuneReporter:
 
 
 class _TrainToTune:
-    """A multi-worker trial's reports: made on Ray Train's controller, queued to this Tune trial
-    the way Ray's own TuneReportCallback does (it forwards raw metrics; we send objectives)."""
+    """A multi-worker trial's reports: made on Ray Train's controller and handed to this Tune trial
+    by Ray's own TuneReportCallback (made here, in the Tune session, as Ray requires), given our
+    objectives instead of the workers' raw metrics."""
 
     def __init__(self) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        self._queue = TuneReportCallback()._training_actor_item_queue
+        self._to_tune = TuneReportCallback()
         self.final = False
 
     def __call__(self, values: dict[str, float]) -> None:
@@ -450,7 +475,7 @@ class _TrainToTune:
             self.final = True
             tune.report(values)
         else:
-            self._queue.put(values)
+            self._to_tune.after_report(run_context=None, metrics=[values], checkpoint=None)
 
 
 def _restore_checkpoint(folder: TrialFolder) -> None:
@@ -553,7 +578,9 @@ def run_search(experiment: Experiment) -> Any:
             storage_path=experiment.storage,
             callbacks=_callbacks(space),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),  # a diverged trial stays failed
+            # a trial lost with a node or worker is retried from its last checkpoint; a diverged one
+            # ends without an error (see trainable), so it is never retried
+            failure_config=tune.FailureConfig(max_failures=space.retries),
         ),
     )
     log.info("search: %d trials, %d at once, Ray %s", space.trials, concurrency, ray.__version__)
