@@ -70,7 +70,7 @@ def study_states(experiment: Path) -> list[str]:
 
 
 # The shipped early-stopping scheduler, with one rung at step 2 (the next, at 8, is past the end).
-EARLY_STOPPING = {"enabled": True, "grace": 2, "eta": 4}
+EARLY_STOPPING = {"enabled": True, "grace": 1, "eta": 4}  # first rung: the first report, step 2
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(ray_loc
     # only when more than half the trials at its rung beat it, so trial 3 stops at step 2 with
     # trials 1 and 2's records there (2 of 3), and never with at most one of them (1 of 2).
     # Trials 1 and 2 never beat each other by more than that either, at any rung.
-    steps, early_stopping = 20, {"enabled": True, "grace": 2, "eta": 2}
+    steps, early_stopping = 20, {"enabled": True, "grace": 1, "eta": 2}  # rungs at steps 2, 4, 8, 16
     space = write_space(
         tmp_path, tiny_model_dir, trials=3, points=points, steps=steps, knobs=knobs, concurrency=1,
         early_stopping=early_stopping,

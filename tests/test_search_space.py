@@ -101,3 +101,13 @@ def test_relative_paths_in_the_base_config_are_made_absolute_for_the_trials(tmp_
     assert base["distributed"]["storage_path"] == "s3://bucket/runs"  # a URI, not a local path
     _, hub = load_space(_space(tmp_path, base={"model": {"path": "embedded:smollm2-135m-instruct"}}))
     assert hub["model"]["path"] == "embedded:smollm2-135m-instruct"
+
+
+def test_early_stopping_grace_counts_held_out_evaluations_not_steps(tmp_path):
+    """healthcare.yaml: grace 2 with an evaluation every 200 steps puts the first rung at step 400."""
+    from atp_ray.search.tuner import Experiment, _scheduler
+
+    space, base = load_space(Path(__file__).parents[1] / "search_spaces" / "healthcare.yaml")
+    assert space.early_stopping.grace == 2 and base["train"]["eval_every"] == 200
+    scheduler = _scheduler(Experiment(tmp_path, space, base, str(tmp_path)))
+    assert scheduler.rungs.grace == 400

@@ -145,7 +145,9 @@ class Resources(_Strict):
 
 class EarlyStopping(_Strict):
     enabled: bool = False
-    grace: int = Field(1, ge=1, description="reports a trial always gets before it can be stopped")
+    grace: int = Field(
+        1, ge=1, description="held-out evaluations (reports, every train.eval_every steps) a trial always gets"
+    )
     eta: float = Field(3, gt=1, description="keep roughly the best 1/eta of trials at each rung")
 
 

@@ -17,6 +17,7 @@ a cluster); Tune's own state may go to ``s3://`` or ``gs://``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from atp_ray.cluster_config import DRIVER_RESOURCE
+from atp_ray.config import load_config
 from atp_ray.run_folder import atomic_write_json
 from atp_ray.search.space import SearchSpace
 from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
@@ -546,11 +548,14 @@ def _scheduler(experiment: Experiment) -> Any:
     from atp_ray.search.scheduler import ParetoEarlyStopping
 
     objectives = space.objective_list()
+    # grace counts held-out evaluations (the trial's reports); the rungs are in training steps
+    train = load_config(copy.deepcopy(experiment.base)).train
+    eval_every = train.eval_every or train.steps  # None: evaluated at the end only
     return ParetoEarlyStopping(
         metrics=[o.name for o in objectives],
         modes=[o.mode for o in objectives],
         time_attr="step",
-        grace=space.early_stopping.grace,
+        grace=space.early_stopping.grace * eval_every,
         eta=space.early_stopping.eta,
         record_path=experiment.root / EARLY_STOPPING_FILE,  # rungs survive a resume
     )
