@@ -100,7 +100,7 @@ def test_every_sampler_searches_with_the_newest_optuna_the_registry_serves(ray_l
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(newest), "optuna"],
         check=True, timeout=600,
     )
-    version = next(newest.glob("optuna-*.dist-info")).name.split("-")[1]
+    version = next(newest.glob("optuna-*.dist-info")).name.removesuffix(".dist-info").split("-")[1]
     args = []
     for name in SAMPLERS:
         (tmp_path / name).mkdir()
