@@ -96,6 +96,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir
     summary, cut = _run_recording_masks(config(4), str(one.root))
     assert cut == ranks[0]["cut"]
     assert json.loads(one.mask.read_text()) == json.loads(two.mask.read_text())
+    assert (summary.pop("world_size"), ranks[0]["summary"].pop("world_size")) == (1, 2)
     assert summary == pytest.approx(ranks[0]["summary"], rel=1e-5)
     # Rounding differs (two half sums vs one sum). Adam turns a gradient that is pure rounding
     # noise (the generator attention's key bias, which softmax ignores) into lr-sized steps,

@@ -60,7 +60,19 @@ def test_an_unknown_sampler_name_is_refused():
         SamplerFactory("cmaes", 0, 2)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+# nsga2 (demo.yaml, healthcare.yaml) and tpe (legal.yaml) run real searches in test_shipped_spaces
+SHIPPED_SAMPLERS = {"nsga2", "tpe"}
+
+
+def test_every_sampler_runs_a_real_search_here_or_in_a_shipped_space():
+    assert set(SAMPLERS) == SHIPPED_SAMPLERS | {"gp", "random"}
+    from tests.test_shipped_spaces import SPACES
+
+    shipped = {yaml.safe_load(path.read_text())["sampler"]["name"] for path in SPACES.glob("*.yaml")}
+    assert shipped == SHIPPED_SAMPLERS
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - SHIPPED_SAMPLERS))
 def test_every_sampler_runs_a_real_search(name, ray_local, tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     assert main(["search", "--space", tiny_space(tmp_path, tiny_model_dir, name), "--out", str(out)]) == 0
