@@ -116,8 +116,12 @@ class Experiment:
         head that held a job's upload of it, ``workdir`` takes its place and is saved, so the
         trials this driver starts resolve ``${workdir}`` paths in the new upload.
         """
-        workdir = (workdir or Path.cwd()).resolve()
-        if self.workdir is None or self.workdir.is_dir() or self.workdir == workdir:
+        if self.workdir is None or self.workdir.is_dir():
+            return self
+        try:
+            workdir = (workdir or Path.cwd()).resolve()
+        except FileNotFoundError:  # seen in Ray jobs: the driver's working dir removed under it
+            log.warning("the search's working dir %s is gone, and so is this one: paths stay as they are", self.workdir)
             return self
         log.warning(
             "the search's working dir %s is gone (with its head?); its paths now resolve in %s", self.workdir, workdir
