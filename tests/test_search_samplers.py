@@ -91,6 +91,7 @@ def test_a_sampler_that_does_not_pickle_still_searches_and_resumes(ray_local, ti
     out = tmp_path / "exp"
     assert main(["search", "--space", tiny_space(tmp_path, tiny_model_dir, "nsga2"), "--out", str(out)]) == 0
     assert main(["resume", str(out)]) == 0  # restores the searcher from Tune's saved state
+    assert main(["resume", str(out)]) == 0  # and again, from the state the first resume saved
     assert pd.read_csv(out / "report" / "trials.csv").status.tolist() == ["COMPLETED"] * 2
 
 

@@ -71,3 +71,13 @@ def test_a_retried_trial_that_finishes_is_added_to_the_study(tmp_path):
     trials = search._ot_study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == trials[0].params and trials[1].values == [1.0, 2.0]
+
+
+def test_a_restored_searcher_does_not_propose_the_first_trials_again(tmp_path):
+    """The sampler is rebuilt, not unpickled: from its bare seed it would repeat trial "a"."""
+    search = make_search(tmp_path)
+    first = [search.suggest(tid) for tid in "ab"]
+    search.save(str(tmp_path / "searcher.pkl"))
+    restored = make_search(tmp_path)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("c") not in first

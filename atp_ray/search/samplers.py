@@ -72,5 +72,7 @@ class SamplerFactory:
         if self.name not in SAMPLER_BUILDERS:
             raise ValueError(f"sampler: unknown name {self.name!r}; known: {', '.join(SAMPLERS)}")
 
-    def __call__(self) -> Any:
-        return SAMPLER_BUILDERS[self.name](self.seed, self.population_size)
+    def __call__(self, offset: int = 0) -> Any:
+        """A fresh sampler; ``offset`` shifts its seed (a restored searcher passes the trials
+        the study holds, so it does not draw the proposals of a fresh one all over again)."""
+        return SAMPLER_BUILDERS[self.name](self.seed + offset, self.population_size)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -35,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from atp_ray.cluster_config import DRIVER_RESOURCE
 from atp_ray.config import load_config
 from atp_ray.run_folder import atomic_write_json
+from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.space import SearchSpace
 from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
 
@@ -246,7 +247,7 @@ class StudySearch(OptunaSearch):
       saved state keeps study trial ids, not the study; both are rebuilt from the journal.
     """
 
-    def __init__(self, *args: Any, sampler_factory: Callable[[], Any], max_concurrent: int = 1, **kwargs: Any):
+    def __init__(self, *args: Any, sampler_factory: SamplerFactory, max_concurrent: int = 1, **kwargs: Any):
         self.sampler_factory = sampler_factory
         self.max_concurrent = max_concurrent
         super().__init__(*args, **kwargs)
@@ -271,7 +272,10 @@ class StudySearch(OptunaSearch):
         self.__dict__.update(state)
         if not study_open:  # not set up yet: set_search_properties will
             return
-        self._sampler = self.sampler_factory()
+        # A sampler rebuilt from its seed would propose the first trials again: shift the seed by
+        # the trials the study holds (the pickled sampler's random state is what we do not keep).
+        study_id = self._storage.get_study_id_from_name(self._study_name)
+        self._sampler = self.sampler_factory(len(self._storage.get_all_trials(study_id, deepcopy=False)))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         # a saved trial comes back as the study's record of it (params, distributions, number)
         self._ot_trials = {tid: self._storage.get_trial(ot_id) for tid, ot_id in state["_ot_trials"].items()}
