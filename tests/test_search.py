@@ -362,6 +362,11 @@ def test_resume_after_the_driver_is_killed_runs_every_trial_exactly_once(ray_loc
     assert {json.loads(line)["trial_id"] for line in rungs_before} == {first.name, second.name}
     assert set(read_stopped(rungs)) == {third.name} and read_stopped(rungs)[third.name].step == 2.0
 
+    # Resuming the finished search again changes nothing and runs nothing.
+    assert main(["resume", str(out)]) == 0
+    assert pd.read_csv(out / "report" / "trials.csv").set_index("trial_id").status.to_dict() == table.status.to_dict()
+    assert sorted(p.name for p in trials.iterdir()) == sorted(table.index)
+
 
 def test_report_in_a_fresh_process_matches_the_search(search):
     """`atp-ray report` after the search, in a process where Ray was never started (as a user runs it)."""
