@@ -1,7 +1,7 @@
 """One ATP run on Ray Train workers (gloo, CPU): DDP, ZeRO-2, ZeRO-3, worker loss, preflight errors.
 
-One local Ray instance serves the whole module: its own temp dir, two CPUs, stopped with
-ray.shutdown() (never `ray stop`, which would kill other Ray instances on the host).
+The session's local Ray instance (tests/conftest.py) serves the module: its own temp dir, two
+CPUs, stopped by the session (never `ray stop`, which would kill other Ray instances on the host).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from atp_ray.distributed import (
     DebugHooks,
     DistributedRunError,
     check_cluster,
-    init_ray,
     preflight,
     run_distributed,
     worker_cpus,
@@ -39,22 +38,15 @@ from atp_ray.run_folder import RunFolder
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def ray_local(ray_local):
+    """The session's Ray (tests/conftest.py), with this module's worker functions sent by value:
+    Ray workers cannot import this module. (A Ray of its own, started and shut down here, used to
+    end the session's Ray under the tests that ran after this module.)"""
     import ray.cloudpickle
 
-    # Test-local worker functions travel by value: Ray workers cannot import this module.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    for attempt in range(3):  # a loaded shared host can miss Ray's fixed 30 s raylet start-up wait
-        try:
-            init_ray(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="atpr-", dir="/tmp"))
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield ray
-    ray.shutdown()
+    yield ray_local
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _rows(folder: RunFolder) -> list[dict]:
