@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from atp_ray.capacity import AUTOSCALING_CONFIG_ENV
+from atp_ray.cluster_capacity import AUTOSCALING_CONFIG_ENV
 from atp_ray.cluster_config import DRIVER_RESOURCE, DRIVER_RESOURCE_UNITS, check_cluster_config, load_cluster_config
 from atp_ray.errors import ClusterError
 

@@ -525,7 +525,7 @@ def trial_resources(space: SearchSpace, cluster: dict[str, float]) -> dict[str, 
 def default_concurrency(space: SearchSpace) -> int:
     """The space's ``concurrency``, else the trials the cluster holds at once at its largest:
     its node types times their max workers (an autoscaling cluster starts with no GPU node)."""
-    from atp_ray.capacity import cluster_node_types, trials_at_once
+    from atp_ray.cluster_capacity import cluster_node_types, trials_at_once
 
     if space.concurrency:
         return space.concurrency
