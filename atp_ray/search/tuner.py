@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -140,26 +140,28 @@ class Experiment:
 
     def _portable(self, value: Any) -> Any:
         """``value`` (a nested config) with absolute paths under a place written from that place."""
-        if isinstance(value, dict):
-            return {k: self._portable(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._portable(v) for v in value]
-        if not isinstance(value, str) or not value.startswith("/"):
-            return value  # hub ids, URIs, templates and numbers are no paths of this machine
-        for name, place in self._places():
-            if Path(value).is_relative_to(place):
-                relative = Path(value).relative_to(place).as_posix()
-                return name if relative == "." else f"{name}/{relative}"
-        return value
+
+        def portable(text: str) -> str:
+            if not text.startswith("/"):
+                return text  # hub ids, URIs, templates are no paths of this machine
+            for name, place in self._places():
+                if Path(text).is_relative_to(place):
+                    relative = Path(text).relative_to(place).as_posix()
+                    return name if relative == "." else f"{name}/{relative}"
+            return text
+
+        return _map_strings(value, portable)
 
     def _resolved(self, value: Any) -> Any:
         """The inverse of :meth:`_portable`: each ``${place}`` prefix replaced by that place."""
-        if isinstance(value, dict):
-            return {k: self._resolved(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._resolved(v) for v in value]
-        if not isinstance(value, str):
-            return value
+
+        def resolved(text: str) -> str:
+            for name, place in self._places():
+                if text == name or text.startswith(name + "/"):
+                    return str(place) + text[len(name) :]
+            return text
+
+        return _map_strings(value, resolved)
         for name, place in self._places():
             if value == name or value.startswith(name + "/"):
                 return str(place) + value[len(name) :]
@@ -211,6 +213,15 @@ class Experiment:
             f"{experiment.study}: the study journal is damaged: line {damaged} of {total} is not a complete "
             f"JSON record; {advice}"
         )
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (nested dicts and lists) with ``change`` applied to every string in it."""
+    if isinstance(value, dict):
+        return {k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, change) for v in value]
+    return change(value) if isinstance(value, str) else value
 
 
 def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -> Experiment:
