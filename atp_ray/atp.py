@@ -194,6 +194,7 @@ class ATPRecipe:
                 self._calibration_batches(),
                 cfg.atp.mlp_channel_multiple,
             )
+                self.strategy.gathered,
         log.info("%s mask (%s): sparsity %.4f", cfg.method, cfg.baseline.importance, self.space.sparsity(masks))
         return self.context.broadcast_masks(masks)  # ranks scored different calibration shards
 
@@ -202,13 +203,13 @@ class ATPRecipe:
 
         Off by default; configs/embedded.yaml sets 3 with two calibration blocks, which there lowered
         held-out perplexity at 20/40/60% on two seeds, kept the quiz, and made the demo run cheaper
-        (README: ATP's own cost). ZeRO-3 cannot score it (the config refuses the pair).
+        (README: ATP's own cost). Under ZeRO-3 the scores read one gathered layer at a time.
         """
         cfg = self.config
         if cfg.method != "atp" or cfg.atp.importance_prior == 0:
             return None
         with _autocast(cfg.train.precision, self.device):
-            scores = IMPORTANCE["taylor"].score(model, self.space, self._calibration_batches())
+            scores = IMPORTANCE["taylor"].score(model, self.space, self._calibration_batches(), self.strategy.gathered)
         prior = importance_prior(self.space, scores, cfg.atp.importance_prior)
         return self.context.broadcast_masks(prior)  # per-unit tensors like masks: rank 0's shard decides
 

@@ -422,16 +422,6 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
-    @model_validator(mode="after")
-    def _scores_read_whole_weights(self) -> RunConfig:
-        scored = self.method == "two-step" or (self.method == "atp" and self.atp.importance_prior > 0)
-        if scored and self.distributed.strategy == "zero3":
-            raise ValueError(
-                "two-step and atp.importance_prior score units on whole base weights, which strategy zero3 "
-                "shards: use distributed.strategy ddp or zero2 (or, for atp, atp.importance_prior=0)"
-            )
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

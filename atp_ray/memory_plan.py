@@ -15,6 +15,10 @@ strategy, workers, activation checkpointing), and adds up what one GPU holds at 
   activation checkpointing, the layer being recomputed);
 * a fixed overhead and the allocator's fragmentation (see the constants below).
 
+Importance scores (two-step, the importance prior) run before training and hold less: one
+decoder layer whole with its gradients and one calibration batch's activations of that
+layer (atp_ray.importance), next to the same LM head as the generator step.
+
 The activation term is an exact count of the tensors transformers (5.x, sdpa attention),
 peft LoRA and our mask hooks save for backward, checked against the bytes measured with
 ``torch.autograd.graph.saved_tensors_hooks`` on tiny models (tests/test_memory_plan.py); the

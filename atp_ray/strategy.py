@@ -9,6 +9,8 @@ The recipe (``atp_ray.atp``) meets a strategy at five seams and nowhere else:
 * ``backward`` / ``step``  one LoRA update: under DeepSpeed ``p.grad`` is empty, the
                     engine averages, clips and steps the optimizer and the scheduler;
 * ``whole_params``  a context in which LoRA weights are whole tensors (group lasso, save);
+* ``gathered``      a context in which any weights are whole, released on exit (importance
+                    scores read the base model one decoder layer at a time through it);
 * ``state_dict`` / ``save_shards`` / ``load``  LoRA weights, optimizer and scheduler state.
 
 A strategy also says whether it owns bf16 (``owns_bf16``): the DeepSpeed engine casts the
@@ -65,6 +67,8 @@ class Strategy(Protocol):
     def step(self) -> None: ...
 
     def whole_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager: ...
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -126,6 +130,9 @@ class DataParallel:
     def whole_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "lora": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()},
@@ -160,8 +167,8 @@ class DeepSpeedZero:
 
     def build_model(self, load_base: Callable[[], nn.Module], lora: LoraConfig) -> nn.Module:
         _init_deepspeed_comm()
-        # The engine moves the model to its device; ZeRO-3 has partitioned it while loading.
-        return get_peft_model(load_base(), lora)
+        # On the device before the engine exists: importance scores run on it before prepare.
+        return get_peft_model(load_base(), lora).to(self.context.device)
 
     def prepare(
         self, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
@@ -181,6 +188,9 @@ class DeepSpeedZero:
 
     def whole_params(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # ZeRO-2 keeps every weight whole on every rank
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # weights, optimizer and scheduler live in the engine's shards
@@ -257,6 +267,15 @@ class Zero3(DeepSpeedZero):
         if missing:
             missing[0].all_gather(param_list=missing)
         yield
+
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Whole inside the block, partitioned again on exit: for reading weights outside the engine.
+
+        Collective: every rank must open it for the same parameters in the same order.
+        """
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
 
 
 def _init_deepspeed_comm() -> None:

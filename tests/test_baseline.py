@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from conftest import TINY_MODELS, make_tiny_model, tiny_run_config
 
 from atp_ray.atp import run_atp
@@ -15,6 +17,7 @@ from atp_ray.compress import read_record
 from atp_ray.config import IMPORTANCE_CRITERIA, load_config
 from atp_ray.errors import ConfigError
 from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
+from atp_ray.magnitude import unit_scores
 from atp_ray.modeling import load_model
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace, UnitGroup, UnitKind
@@ -60,6 +63,37 @@ def test_taylor_ranks_a_large_but_dead_channel_last_where_magnitude_keeps_it():
     # The model leaves scoring as it came: same trainable flags, no gradients left behind.
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def _taylor_by_one_backward(model, space, batches):
+    """The criterion's definition: one backward per batch through the whole model, then |w * dL/dw|."""
+    layers = space.layout.layers(model)
+    owned = [piece.module(layer).weight for layer in layers for pieces in space.layout.slices.values() for piece in pieces]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in owned:
+        w.requires_grad_(True)
+    model.eval()
+    for batch in batches:
+        (model(**batch).loss.float() / len(batches)).backward()
+    return [
+        {kind: scores for kind, scores in unit_scores(layer, space, lambda m, axis: (m.weight * m.weight.grad).abs()).items()}
+        for layer in layers
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_layer_at_a_time_taylor_equals_one_backward_through_the_model(name):
+    """Replaying one layer at a time (what ZeRO-3 needs) gives the whole backward's scores, with LoRA on."""
+    model = make_tiny_model(name)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    space = PruningSpace.from_config(model.config)
+    batches = _batches(model, count=3)
+    scores = IMPORTANCE["taylor"].score(peft_model, space, batches)
+    expected = _taylor_by_one_backward(copy.deepcopy(peft_model), space, batches)
+    for layer, layer_expected in zip(scores, expected, strict=True):
+        for kind, values in layer_expected.items():
+            torch.testing.assert_close(layer[kind], values, rtol=1e-5, atol=1e-8)
 
 
 def test_registry_matches_the_config_choices():

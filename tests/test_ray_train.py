@@ -211,6 +211,67 @@ def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_pat
         assert result["lasso"] == pytest.approx(expected, rel=1e-6)
 
 
+def _zero3_scores_worker(loop_config: dict) -> None:
+    """Inside a ZeRO-3 worker: the recipe's setup scores units (prior and two-step mask) on sharded weights."""
+    from atp_ray.atp import ATPRecipe
+    from atp_ray.process import ProcessContext
+
+    out = Path(loop_config["out"])
+    for name, overrides in loop_config["runs"].items():
+        recipe = ATPRecipe(load_config(loop_config["raw"], overrides), out / name, ProcessContext.current("cpu"))
+        recipe.setup()
+        sharded = any(p.numel() == 0 for p in recipe.model.parameters() if not p.requires_grad)
+        if recipe.frozen_masks is not None:
+            scored = recipe.space.masks_to_dict(recipe.frozen_masks)
+        else:
+            scored = {k: v.tolist() for k, v in recipe.generator.state_dict().items() if k.startswith("prior_")}
+        result = {"sharded": sharded, "scored": scored}
+        torch.save(recipe._calibration_batches(), out / f"{name}-batches-rank{recipe.context.rank}.pt")
+        (out / f"{name}-rank{recipe.context.rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow  # measured: 200-300 s here (2 shared, loaded cores)
+def test_zero3_importance_scores_equal_one_process(ray_local, tiny_model_dir, tmp_path):
+    """Two-step's Taylor mask and ATP's importance prior under ZeRO-3 (base weights sharded,
+    read one gathered layer at a time) equal those one process computes from rank 0's batches."""
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from peft import LoraConfig, get_peft_model
+
+    from atp_ray.generator import PruningGenerator
+    from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
+    from atp_ray.modeling import load_model
+    from atp_ray.structures import PruningSpace
+
+    raw = tiny_run_config(tiny_model_dir, train={"steps": 2}, baseline={"importance": "taylor", "calibration_batches": 2})
+    raw["distributed"] = {"workers": 2, "strategy": "zero3"}
+    runs = {"two-step": ["method=two-step"], "prior": ["atp.importance_prior=3"]}
+    trainer = TorchTrainer(
+        _zero3_scores_worker,
+        train_loop_config={"raw": raw, "out": str(tmp_path), "runs": runs},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=TrainRunConfig(name="scores", storage_path=str(tmp_path / "storage")),
+    )
+    trainer.fit()
+
+    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    space = PruningSpace.from_config(model.config)
+    batches = torch.load(tmp_path / "two-step-batches-rank0.pt", weights_only=True)
+    mask = space.masks_to_dict(importance_masks(model, space, 0.4, IMPORTANCE["taylor"], batches))
+    prior_batches = torch.load(tmp_path / "prior-batches-rank0.pt", weights_only=True)
+    prior = importance_prior(space, IMPORTANCE["taylor"].score(model, space, prior_batches), 3.0)
+    generator = PruningGenerator(space, prior=prior)
+    expected_prior = {k: v for k, v in generator.state_dict().items() if k.startswith("prior_")}
+    for rank in range(2):
+        two_step = json.loads((tmp_path / f"two-step-rank{rank}.json").read_text())
+        assert two_step["sharded"] and two_step["scored"] == mask
+        with_prior = json.loads((tmp_path / f"prior-rank{rank}.json").read_text())
+        assert with_prior["sharded"] and set(with_prior["scored"]) == set(expected_prior)
+        for key, values in expected_prior.items():
+            torch.testing.assert_close(torch.tensor(with_prior["scored"][key]), values, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("distributed", "node_cpus", "expected"),
     [
