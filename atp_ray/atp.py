@@ -160,7 +160,8 @@ class ATPRecipe:
         self.steps_within_tolerance = 0
         # Lagrange multipliers (l1, l2) of the budget constraint, raised by gradient ascent.
         self.multipliers = torch.zeros(2)
-        self.noise_free_sparsity = 0.0
+        # A baseline's frozen mask from step 0, as a resumed run reads it back from its checkpoint.
+        self.noise_free_sparsity = 0.0 if fixed_masks is None else self.space.sparsity(fixed_masks)
         self.sparsity_at_control_end: float | None = None if fixed_masks is None else self.space.sparsity(fixed_masks)
         self.log_window: list[dict[str, float]] = []  # per-step metrics since the last metrics row
         self._resume()
