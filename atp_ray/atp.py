@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from atp_ray.config import RunConfig
 from atp_ray.data import BatchStream, build_splits
+from atp_ray.distillation import distillation_loss, teacher_logits
 from atp_ray.evaluate import perplexity
 from atp_ray.generator import PruningGenerator, detach_masks
 from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
@@ -377,23 +378,36 @@ class ATPRecipe:
         return self.context.broadcast_masks(masks)
 
     def _lora_step(self, masks: Masks) -> dict[str, float]:
-        """One LoRA update on a training batch: task loss + weighted group lasso."""
+        """One LoRA update on a training batch: task loss + weighted group lasso (+ weighted distillation)."""
         self.model.train()
         lasso_weight = self._lasso_weight()
+        distill = self.config.distill
         lr = self.lora_scheduler.get_last_lr()[0]
         accumulation = self.config.distributed.gradient_accumulation_steps
-        task_losses = []
+        task_losses, distill_losses = [], []
         for micro in range(accumulation):
             batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
+            teacher = None
+            if distill.weight > 0:
+                # Before the mask's context: the teacher is the unmasked model. Every rank runs it
+                # (under ZeRO-3 its forward gathers the same shards as the student's).
+                with self.autocast():
+                    teacher = teacher_logits(self.model, batch, distill.teacher)
             # Backward inside the mask's context: activation checkpointing recomputes layers there.
             with masked(self.model, self.space, masks):
                 with self.autocast():
-                    task_loss = self.model(**batch).loss
+                    output = self.model(**batch)
+                task_loss = output.loss
                 # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
                 # the lasso reads the same rows and columns as on one process.
                 with self.strategy.whole_params(self.lora_params):
                     lasso = lora_group_lasso(self.model, self.space, masks)
-                self.strategy.backward(task_loss.float() + lasso_weight * lasso)
+                loss = task_loss.float() + lasso_weight * lasso
+                if teacher is not None:
+                    kl = distillation_loss(output.logits, teacher, batch["labels"], distill.temperature, distill.top_k)
+                    loss = loss + distill.weight * kl
+                    distill_losses.append(kl.item())
+                self.strategy.backward(loss)
             task_losses.append(task_loss.item())
         self.strategy.step()  # average, clip, optimizer and scheduler step
         metrics = {
@@ -407,6 +421,8 @@ class ATPRecipe:
         }
         if self.frozen_masks is not None:
             metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), self.target_kept))
+        if distill_losses:
+            metrics["distill"] = sum(distill_losses) / accumulation  # the KL before its weight
         return metrics
 
     def _maybe_freeze(self) -> None:

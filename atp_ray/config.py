@@ -331,6 +331,38 @@ class BaselineSettings(_Section):
     )
 
 
+# Teachers of the distillation term (atp_ray.distillation.TEACHERS; a test keeps them equal).
+DISTILL_TEACHERS = ("inplace", "dense")
+
+
+class DistillSettings(_Section):
+    """Logit distillation in the LoRA step, the same for every method (atp, two-step, lora).
+
+    The LoRA step's loss gains ``weight`` x T^2 x KL(teacher || masked model) over the
+    next-token distributions at temperature T (atp_ray.distillation). The teacher costs one
+    more forward pass of the model per micro-batch, without gradients and without a second
+    copy of any weight. Under ``atp.control_step=joint`` the generator's gradient, taken from
+    the LoRA step's backward, includes the term too.
+    """
+
+    weight: float = Field(
+        0.0, ge=0, description="weight of the distillation KL in the LoRA step's loss (0 = off: no teacher pass)"
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="softmax temperature T of teacher and student; the KL is scaled by T^2"
+    )
+    teacher: Literal[DISTILL_TEACHERS] = Field(
+        "inplace",
+        description="inplace: the same model with the mask off and the current LoRA; dense: the untuned "
+        "base model (mask off, LoRA disabled)",
+    )
+    top_k: int | None = Field(
+        None,
+        gt=0,
+        description="KL over the teacher's k most likely tokens only, renormalised (None = the whole vocabulary)",
+    )
+
+
 class TrainConfig(_Section):
     steps: int = Field(200, gt=0, description="optimizer steps of the whole run")
     batch_size: int = Field(4, gt=0, description="training blocks per LoRA step (per process)")
@@ -410,7 +442,7 @@ class RunConfig(_Section):
 
     ``method`` picks where the mask comes from: atp learns it (the generator), two-step
     scores units once and cuts them before tuning (``baseline``), lora prunes nothing
-    (the dense reference). Everything else (data, LoRA, steps, learning rates) is shared.
+    (the dense reference). Everything else (data, LoRA, distillation, steps, learning rates) is shared.
     """
 
     method: Literal[METHODS] = Field("atp", description="atp | two-step (prune, then tune) | lora (dense LoRA)")
@@ -419,8 +451,19 @@ class RunConfig(_Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     atp: ATPSettings = Field(default_factory=ATPSettings)
     baseline: BaselineSettings = Field(default_factory=BaselineSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _distill_teacher_differs(self) -> RunConfig:
+        # lora keeps every unit: the in-place teacher would be the student itself.
+        if self.method == "lora" and self.distill.weight > 0 and self.distill.teacher == "inplace":
+            raise ValueError(
+                "distill.teacher 'inplace' is the unmasked model, which method lora trains itself: "
+                "use distill.teacher=dense or distill.weight=0"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
