@@ -195,8 +195,8 @@ class ATPRecipe:
                 IMPORTANCE[cfg.baseline.importance],
                 self._calibration_batches(),
                 cfg.atp.mlp_channel_multiple,
-            )
                 self.strategy.gathered,
+            )
         log.info("%s mask (%s): sparsity %.4f", cfg.method, cfg.baseline.importance, self.space.sparsity(masks))
         return self.context.broadcast_masks(masks)  # ranks scored different calibration shards
 
