@@ -5,7 +5,7 @@ calibration batch against task loss + ratio loss + a Lagrangian budget term (tow
 sparsity target annealed from 0 to the final one), then samples a hard mask and trains
 LoRA on a training batch against task loss + group lasso (``atp.control_step=joint``
 instead takes the generator's task-loss gradient from the LoRA step's own backward pass:
-cheaper, measured worse; see the README). Once the generator's
+cheaper, measured worse; see docs/results.md). Once the generator's
 noise-free mask has held the target sparsity for a while, or the control phase ends
 (extended, bounded, while the target is missed), the mask is frozen, at most the freeze
 tolerance from where the generator stands, and LoRA training continues under it, with
@@ -205,7 +205,7 @@ class ATPRecipe:
 
         Off by default; configs/embedded.yaml sets 3 with two calibration blocks, which there lowered
         held-out perplexity at 20/40/60% on two seeds, kept the quiz, and made the demo run cheaper
-        (README: ATP's own cost). Under ZeRO-3 the scores read one gathered layer at a time.
+        (docs/results.md: ATP's own cost). Under ZeRO-3 the scores read one gathered layer at a time.
         """
         cfg = self.config
         if cfg.method != "atp" or cfg.atp.importance_prior == 0:

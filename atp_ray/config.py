@@ -281,19 +281,19 @@ class ATPSettings(_Section):
         1,
         gt=0,
         description="control steps per generator update (the LoRA step runs every step); k > 1 makes "
-        "control cheaper but slows the generator (README: ATP's own cost)",
+        "control cheaper but slows the generator (docs/results.md: ATP's own cost)",
     )
     control_step: Literal["alternating", "joint"] = Field(
         "alternating",
         description="alternating: a generator update on a calibration batch, then a LoRA update; joint: "
         "one LoRA update whose backward also gives the generator its gradient (one LLM pass instead of "
-        "two; README: ATP's own cost)",
+        "two; docs/results.md: ATP's own cost)",
     )
     importance_prior: float = Field(
         0.0,
         ge=0,
         description="scale of a first-order Taylor prior added to the generator's logits: per layer and unit "
-        "kind, the standardised log Taylor scores on baseline.calibration_batches (0 = none; README: ATP "
+        "kind, the standardised log Taylor scores on baseline.calibration_batches (0 = none; docs/results.md: ATP "
         "against prune-then-tune)",
     )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")

@@ -53,7 +53,7 @@ RESUMES_FILE = "resumes.jsonl"
 MASK_TRACE_DIR = "mask-trace"
 # How often Ray Train's controller polls its workers (its default is 2 s). A finished run waits
 # for the next polls before fit() returns: 4.8 s of a 3-step run at 2 s, 1.4 s at 0.5 s
-# (README: Distributed training). A missed poll is not a failure (a worker is
+# (docs/distributed.md). A missed poll is not a failure (a worker is
 # declared dead only after Ray's 10-minute health-check timeout), so polling faster is safe.
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONTROLLER_POLL_S = "0.5"
