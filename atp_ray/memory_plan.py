@@ -13,6 +13,7 @@ strategy, workers, activation checkpointing), and adds up what one GPU holds at 
 * what backward itself allocates on top: the fp32 gradients of the loss head (log-probs and
   logits, batch x seq x vocab each), or the gradients of one decoder layer (and, with
   activation checkpointing, the layer being recomputed);
+* with distillation on, the teacher's logits and the KL's vocabulary-sized tensors (an estimate);
 * a fixed overhead and the allocator's fragmentation (see the constants below).
 
 Importance scores (two-step, the importance prior) run before training and hold less: one
@@ -57,6 +58,8 @@ FIXED_OVERHEAD_BYTES = int(1.5 * GIB)
 FRAGMENTATION = 0.10
 # DeepSpeed's default stage3_prefetch_bucket_size (elements): ZeRO-3 gathers this much ahead.
 ZERO3_PREFETCH_ELEMENTS = 50_000_000
+# fp32 batch x seq x vocab tensors the distillation KL holds at once (atp_ray.distillation): an estimate.
+DISTILL_FP32_TENSORS = 5
 # Most workers the "more workers" suggestion considers.
 MAX_SUGGESTED_WORKERS = 64
 
@@ -279,6 +282,13 @@ def backward_working_bytes(
     return max(loss_grads, (2 if llm_pass.checkpointing else 1) * layer)
 
 
+def distillation_bytes(shape: ModelShape, precision: Precision, llm_pass: LLMPass) -> int:
+    """What distillation adds to the LoRA step (an estimate): the teacher's logits, kept through
+    the student's pass, and the KL's fp32 batch x seq x vocab tensors (teacher and student at
+    temperature, their log-probs, the teacher's probabilities)."""
+    return llm_pass.tokens * shape.vocab_size * (precision.activations + DISTILL_FP32_TENSORS * FP32_BYTES)
+
+
 # -- the plan -------------------------------------------------------------------------------
 
 
@@ -364,6 +374,8 @@ def plan_memory(
         + backward_working_bytes(shape, rank, targets, precision, p)
         for name, p in passes.items()
     }
+    if config.distill.weight > 0:
+        peaks["LoRA step"] += distillation_bytes(shape, precision, passes["LoRA step"])
     largest = max(peaks, key=peaks.get)
     step = passes[largest]
     rows.append((f"activations, {largest} ({step.batch_size} x {step.seq_len})", peaks[largest]))

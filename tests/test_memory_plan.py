@@ -32,6 +32,7 @@ from atp_ray.memory_plan import (
     Precision,
     check_run_plan,
     fit_problems,
+    heaviest_trial,
     plan_memory,
     read_model_shape,
     saved_activation_bytes,
@@ -289,3 +290,20 @@ def test_train_refuses_a_gpu_run_whose_plan_cannot_fit_before_starting(tiny_mode
     assert main(["train", "--config", str(config_file), "--out", str(tmp_path / "run")]) == 2
     assert "distributed.gpu_memory_gib" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_distillation_adds_the_teachers_vocabulary_sized_tensors_to_the_lora_step():
+    """The teacher's logits and the KL's fp32 tensors are batch x seq x vocab each: on Llama-3-8B's
+    128k vocabulary at 4 x 1024 tokens that is about 9 GiB more, which the healthcare space's
+    A10G cannot hold."""
+    space, base = load_space(SPACES / "healthcare.yaml")
+    shape = read_model_shape(base["model"]["path"])
+    config = heaviest_trial(base, {"lora.rank": [8, 16]}, shape)
+    gpu = space.resources.gpu_memory_gib
+    plain = plan_memory(config, shape, gpu_memory_gib=gpu)
+    distilled_config = heaviest_trial({**base, "distill": {"weight": 1.0}}, {"lora.rank": [8, 16]}, shape)
+    distilled = plan_memory(distilled_config, shape, gpu_memory_gib=gpu)
+    tokens = config.train.batch_size * config.data.seq_len
+    extra = tokens * shape.vocab_size * (2 + 5 * 4)  # bf16 teacher logits + five fp32 tensors
+    assert distilled.component("activations, LoRA step") - plain.component("activations, LoRA step") == extra
+    assert plain.fits() and not distilled.fits()
