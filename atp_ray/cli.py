@@ -120,10 +120,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_resume(args: argparse.Namespace) -> None:
     from atp_ray.search.tuner import Experiment, resume_search
 
+    workdir = Path.cwd().resolve()  # before _driver moves to the experiment folder
     experiment = Experiment.open(args.experiment, resuming=True)  # its state is checked before Ray starts
     check_ray_address(os.environ.get("RAY_ADDRESS"))
     with _driver(experiment.root):
-        resume_search(experiment, retry_failed=args.retry_failed)
+        resume_search(experiment, retry_failed=args.retry_failed, workdir=workdir)
     _report(experiment.root, show_front=True)
 
 
@@ -170,17 +171,30 @@ def check_ray_address(address: str | None) -> None:
 
 @contextlib.contextmanager
 def _driver(root: Path) -> Iterator[None]:
-    """Start (or join, via RAY_ADDRESS) Ray, and mark the experiment as running meanwhile."""
+    """Start (or join, via RAY_ADDRESS) Ray, and mark the experiment as running meanwhile.
+
+    Meanwhile the driver works in the experiment folder ``root`` (the paths it was given are
+    resolved by then). A Ray job's driver starts in the job's upload of the checkout, which Ray
+    may replace under it: a node that first sees the job unpacks the upload again, removing the
+    folder there, and the nodes of a local cluster share that folder. A driver left in it has no
+    working dir, yet Tune needs one (``os.getcwd``) to restore an experiment and to read its
+    results; without it a resume's restore failed and Tune started the search afresh instead.
+    """
     import ray
 
     from atp_ray.distributed import init_ray
 
+    try:
+        started_in: str | None = os.getcwd()
+    except FileNotFoundError:
+        started_in = None
     started = not ray.is_initialized()
     if started:
         try:
-            init_ray()
+            init_ray()  # from the working dir it started in: Ray gives it to the workers' sys.path
         except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster running
             raise ClusterError(f"cannot join the Ray cluster: {err}") from None
+    os.chdir(root)
     (root / DRIVER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     try:
         yield
@@ -188,6 +202,9 @@ def _driver(root: Path) -> Iterator[None]:
         (root / DRIVER_FILE).unlink(missing_ok=True)
         if started:
             ray.shutdown()
+        if started_in is not None:
+            with contextlib.suppress(OSError):  # a job's upload being unpacked again: stay
+                os.chdir(started_in)
 
 
 def _search_running(root: Path) -> tuple[bool, str | None]:

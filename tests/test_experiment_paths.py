@@ -1,7 +1,8 @@
 """An experiment outlives the head that ran it: paths in search.json and the driver.pid marker.
 
 Fast, without Ray: the search's working dir is moved as a lost head loses a job's upload of
-the checkout, and a driver.pid from another host is read as a report on this one reads it.
+the checkout, a driver keeps a working dir while Ray replaces its job's upload under it, and a
+driver.pid from another host is read as a report on this one reads it.
 The end-to-end version (a real search, its head killed, resumed on a new head from another
 working dir) is the slow test in tests/test_cluster_local.py.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -76,6 +78,40 @@ def test_a_moved_experiment_folder_keeps_its_tune_state_and_its_own_files(tiny_m
     moved = Experiment.open(tmp_path / "moved")
     assert moved.tune_path == f"{tmp_path / 'moved'}/tune"
     assert moved.base["data"]["source"]["path"] == str(tmp_path / "moved" / "data" / "notes.jsonl")
+
+
+def test_a_relative_storage_path_is_stored_against_the_working_dir(tiny_model_dir, tmp_path, monkeypatch):
+    """The driver works in the experiment folder while Ray runs (see the next test), so a
+    storage path relative to where the search was started is made absolute first."""
+    space_path = _workdir_with_data(tmp_path / "work", tiny_model_dir)
+    monkeypatch.chdir(space_path.parent)
+    space, base = load_space("space.yaml")
+    experiment = new_experiment(tmp_path / "exp", space.model_copy(update={"storage": "state"}), base)
+    assert experiment.tune_path == f"{tmp_path / 'work' / 'state'}/tune"
+    assert json.loads((tmp_path / "exp" / SEARCH_FILE).read_text())["storage"] == "${workdir}/state"
+
+
+def test_the_driver_keeps_a_working_dir_while_ray_replaces_its_jobs_upload(tmp_path, monkeypatch):
+    """A Ray job's driver starts in the job's upload, which Ray unpacks again (removing the folder
+    there) on each node that first sees the job; a local cluster's nodes share that folder. Tune
+    needs the driver's working dir to restore an experiment and to read its results: it lists
+    the experiment with os.path.relpath, which calls os.getcwd(). Left in the upload, a resume
+    failed there and Tune started the search afresh ("no search space has been defined")."""
+    from atp_ray import cli
+
+    upload, out = tmp_path / "upload", tmp_path / "exp"
+    upload.mkdir()
+    out.mkdir()
+    monkeypatch.chdir(upload)
+    monkeypatch.setattr("atp_ray.distributed.init_ray", lambda **kwargs: None)  # Ray's part is not under test
+    with cli._driver(out):
+        shutil.rmtree(upload)  # a node unpacks the job's upload again: the old folder goes,
+        upload.mkdir()  # and a new one takes its path
+        assert Path(os.getcwd()) == out
+        assert os.path.relpath("exp/tune/state.json", start="exp/tune") == "state.json"  # as Tune lists a folder
+        assert (out / DRIVER_FILE).is_file()
+    assert not (out / DRIVER_FILE).exists()
+    assert os.getcwd() == str(upload)  # back in the working dir's path (a new folder by now)
 
 
 def _driver_file(folder: Path, host: str, pid: int, age_s: float = 0) -> Path:

@@ -234,8 +234,12 @@ def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -
     started = any((root / name).exists() for name in (STUDY_FILE, TUNE_NAME, TRIALS_DIR))
     if (root / SEARCH_FILE).exists() and started:
         raise ConfigError([f"--out: {root} already holds a search; continue it with `atp-ray resume {root}`"])
-    # ``base`` came from load_space: its local paths made absolute against this working dir.
-    experiment = Experiment(root, space, base, space.storage or str(root), workdir=Path.cwd().resolve())
+    # ``base`` came from load_space: its local paths made absolute against this working dir;
+    # so is a local storage path (the driver runs in the experiment folder: cli._driver).
+    storage = space.storage or str(root)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    experiment = Experiment(root, space, base, storage, workdir=Path.cwd().resolve())
     experiment.save()
     return experiment
 
@@ -613,14 +617,16 @@ def run_search(experiment: Experiment) -> Any:
     return results
 
 
-def resume_search(experiment: Experiment, retry_failed: bool = False) -> Any:
+def resume_search(experiment: Experiment, retry_failed: bool = False, workdir: Path | None = None) -> Any:
     """Continue a search whose driver stopped: finished trials kept, unfinished ones resumed
     from their checkpoints (and trial folders), errored ones retried when asked.
 
-    Runs in this process's working directory: when the search's own is gone (its head lost),
-    the trials resolve the base config's ``${workdir}`` paths here (see :class:`Experiment`).
+    Runs in ``workdir``, the driver's working directory as it started (default: the current
+    one; the CLI's driver has moved to the experiment folder by now): when the search's own is
+    gone (its head lost), the trials resolve the base config's ``${workdir}`` paths there
+    (see :class:`Experiment`).
     """
-    experiment = experiment.resumed_here()
+    experiment = experiment.resumed_here(workdir)
     tuner = tune.Tuner.restore(
         experiment.tune_path,
         trainable=_trainable_for(experiment),
