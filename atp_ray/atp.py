@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # Held-out blocks scored at the end of a run; enough for a stable mean, cheap on CPU.
 FINAL_EVAL_BLOCKS = 32
+# Decay of the control loss's EMA, the freeze check's reference: about the last ten steps.
+CONTROL_LOSS_DECAY = 0.9
 
 
 StepHook = Callable[[int, Masks, dict[str, float]], None]
@@ -163,6 +165,8 @@ class ATPRecipe:
         self.multipliers = torch.zeros(2)
         # A baseline's frozen mask from step 0, as a resumed run reads it back from its checkpoint.
         self.noise_free_sparsity = 0.0 if fixed_masks is None else self.space.sparsity(fixed_masks)
+        # The generator's recent task loss (an EMA): what the frozen mask's loss is checked against.
+        self.control_loss: float | None = None
         self.sparsity_at_control_end: float | None = None if fixed_masks is None else self.space.sparsity(fixed_masks)
         self.log_window: list[dict[str, float]] = []  # per-step metrics since the last metrics row
         self._resume()
@@ -238,6 +242,7 @@ class ATPRecipe:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.step = state["step"]
         self.steps_within_tolerance = state["steps_within_tolerance"]
+        self.control_loss = state["control_loss"]
         self.multipliers = state["multipliers"].clone()
         self.sparsity_at_control_end = (
             state["sparsity_at_control_end"] if state["sparsity_at_control_end"] >= 0 else None
@@ -271,6 +276,8 @@ class ATPRecipe:
                 masks = self.frozen_masks if self.frozen_masks is not None else self._sample_masks()
                 metrics |= self._lora_step(masks)
             self.step += 1
+            if "generator_loss" in metrics:
+                self._track_control_loss(metrics["generator_loss"])
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 metrics |= self._held_out(self._current_masks())
             if self.on_step is not None:
@@ -447,6 +454,12 @@ class ATPRecipe:
         # Past the end of control, freeze as soon as the target is reachable, up to a bounded extension.
         ended = self.step >= self.control_steps and (reachable or self.step >= self.control_cap)
         if held or ended:
+            masks = self.generator.masks_at_sparsity(self._reachable_sparsity())
+            masks = round_mlp_channels(self.space, masks, atp.mlp_channel_multiple, self.generator.logits())
+            masks = self.context.broadcast_masks(masks)
+            if not self._crossing_is_smooth(masks):
+                self.steps_within_tolerance = 0  # an early freeze must hold the target anew
+                return
             self.sparsity_at_control_end = self.noise_free_sparsity
             if not reachable:
                 log.warning(
@@ -454,12 +467,56 @@ class ATPRecipe:
                     "(tolerance %.4f): freezing at most the tolerance nearer, the run misses its target",
                     self.step, self.noise_free_sparsity, shortfall, target, atp.freeze_tolerance,
                 )
-            masks = self.generator.masks_at_sparsity(self._reachable_sparsity())
-            masks = round_mlp_channels(self.space, masks, atp.mlp_channel_multiple, self.generator.logits())
-            self.frozen_masks = self.context.broadcast_masks(masks)
+            self.frozen_masks = masks
             self.freeze_step = self.step
             self.noise_free_sparsity = self.space.sparsity(masks)
             log.info("mask frozen at step %d: sparsity %.4f", self.step, self.noise_free_sparsity)
+
+    def _track_control_loss(self, loss: float) -> None:
+        """Fold one generator step's task loss into the control loss (an EMA over about ten steps)."""
+        decay = CONTROL_LOSS_DECAY
+        self.control_loss = loss if self.control_loss is None else decay * self.control_loss + (1 - decay) * loss
+
+    def _crossing_is_smooth(self, masks: Masks) -> bool:
+        """Whether freezing onto ``masks`` keeps the loss near the generator's recent loss.
+
+        Near the end of control the budget's pull is at its strongest, and the generator may
+        cut a unit the model cannot lose (seen at 60% on a file of HPO definitions: a freeze
+        onto such a mask doubled the training loss, and LoRA never recovered). So the frozen
+        mask's loss on the first calibration batches must be within atp.freeze_loss_ratio of
+        the control loss; otherwise control goes on (the generator sees the cost of that cut
+        and undoes it) and the check is repeated each step, up to the end of the extension,
+        where the run freezes anyway and says so.
+        """
+        atp = self.config.atp
+        if self.control_loss is None or atp.freeze_loss_ratio is None:
+            return True
+        loss = self._calibration_loss(masks)
+        ratio = self.context.broadcast_value(loss / self.control_loss)  # ranks score their own batches
+        if ratio <= atp.freeze_loss_ratio:
+            log.info("freeze check at step %d: loss %.3f, %.2fx the control loss", self.step, loss, ratio)
+            return True
+        if self.step >= self.control_cap:
+            log.warning(
+                "freeze at step %d (end of the control extension) raises the loss to %.3f, %.2fx the control "
+                "loss %.3f (atp.freeze_loss_ratio %.2f): the run may not recover",
+                self.step, loss, ratio, self.control_loss, atp.freeze_loss_ratio,
+            )
+            return True
+        log.info("freeze postponed at step %d: the mask's loss %.3f is %.2fx the control loss", self.step, loss, ratio)
+        return False
+
+    @torch.no_grad()
+    def _calibration_loss(self, masks: Masks) -> float:
+        """Mean loss of the masked model on the first baseline.calibration_batches calibration batches."""
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        with self.autocast(), masked(self.model, self.space, masks):
+            for batch in self._calibration_batches():
+                losses.append(self.model(**batch).loss.float())
+        self.model.train(was_training)
+        return torch.stack(losses).mean().item()
 
     def _current_masks(self) -> Masks:
         """The mask the run would end with if it froze now: the frozen one, else the freeze's cut."""
@@ -530,6 +587,7 @@ class ATPRecipe:
                 "generator": self.generator.state_dict(),
                 "generator_optimizer": self.generator_optimizer.state_dict(),
                 "steps_within_tolerance": self.steps_within_tolerance,
+                "control_loss": self.control_loss,
                 "multipliers": self.multipliers.clone(),
                 "sparsity_at_control_end": -1.0 if self.sparsity_at_control_end is None else self.sparsity_at_control_end,
                 "freeze_step": -1 if self.freeze_step is None else self.freeze_step,

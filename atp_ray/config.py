@@ -256,6 +256,12 @@ class ATPSettings(_Section):
         0.01, ge=0, description="freeze early once |achieved - target sparsity| stays within this"
     )
     freeze_patience: int = Field(20, gt=0, description="control steps the tolerance must hold to freeze early")
+    freeze_loss_ratio: float | None = Field(
+        1.15,
+        ge=1,
+        description="the mask freezes only if its loss on the first calibration batches is at most this x the "
+        "generator's recent loss; else control goes on, up to control_extension_fraction (null = no check)",
+    )
     control_extension_fraction: float = Field(
         0.3,
         ge=0,

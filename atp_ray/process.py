@@ -58,6 +58,14 @@ class ProcessContext:
             shared[group] = mask
         return shared
 
+    def broadcast_value(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank, so all ranks take the same decision from it."""
+        if self.world_size == 1:
+            return value
+        shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, src=0)
+        return shared.item()
+
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Mean of each gradient over ranks (a no-op for one process)."""
         if self.world_size == 1:
