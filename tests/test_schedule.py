@@ -254,3 +254,31 @@ def test_a_unit_cut_just_before_the_freeze_is_not_frozen_in(trained_model_dir, t
         assert abs(summary["sparsity"] - 0.4) <= 0.02
     else:
         assert summary["freeze_step"] == recipe.cut_step and jump > 1.15
+
+
+def test_a_postponed_freeze_resumes_exactly(trained_model_dir, tmp_path):
+    """Stopped in control and resumed, a run whose freeze the check postpones ends as the
+    uninterrupted one: the control loss it checks against is carried in the checkpoint."""
+    config = load_config(tiny_run_config(trained_model_dir, atp={"importance_prior": 1.0}, train={"log_every": 1}))
+    context = ProcessContext.current("cpu")
+
+    class StoppedAtTen(_LateCut):
+        def _checkpoint(self) -> None:
+            super()._checkpoint()
+            if self.step == 10:
+                raise KeyboardInterrupt
+
+    def run(recipe_cls: type[_LateCut], name: str) -> tuple[_LateCut, dict]:
+        recipe = recipe_cls(config, tmp_path / name, context)
+        recipe.setup()
+        recipe.train()
+        return recipe, recipe.save()
+
+    whole, expected = run(_LateCut, "whole")
+    assert expected["freeze_step"] > whole.cut_step  # the check postponed the freeze
+    with pytest.raises(KeyboardInterrupt):
+        run(StoppedAtTen, "resumed")
+    resumed, summary = run(_LateCut, "resumed")
+    assert summary == expected and resumed.control_loss == whole.control_loss
+    untimed = lambda name: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _rows(RunFolder(tmp_path / name))]  # noqa: E731
+    assert untimed("resumed") == untimed("whole")
