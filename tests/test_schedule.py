@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +15,8 @@ from atp_ray.generator import _head_key
 from atp_ray.importance import IMPORTANCE
 from atp_ray.losses import ratio_loss
 from atp_ray.masking import masked
-from atp_ray.modeling import load_model
 from atp_ray.process import ProcessContext
 from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitKind
 
 # The fixed-weight schedule before issue 12: the final target from step one, no multipliers,
 # control ends at its step whether or not the target is met.
