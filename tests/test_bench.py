@@ -32,15 +32,24 @@ def test_atp_cost_quick_prints_its_ratio_table(monkeypatch, capsys):
     assert all(cell.strip().endswith("x**") for r in rows[1:] for cell in r[4:6])  # wall and train ratios
 
 
-def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys):
+def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys, tmp_path):
     from bench import atp_vs_two_step
 
     # One seed keeps the test short; the script's own default is two seeds.
-    _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1"])
+    _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1", "--keep", str(tmp_path)])
     out = capsys.readouterr().out
-    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
-    assert names == ["dense lora", "atp", "two-step magnitude", "two-step taylor"]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0] for r in rows] == ["dense lora", "atp", "atp + distill", "two-step taylor", "two-step taylor + distill"]
+    # Each method's calibration is in the table: quick two-step scores 2 batches of 4 blocks once.
+    assert [r[2] for r in rows] == ["-", "2 per update (+4 once, prior)", "2 per update (+4 once, prior)", "8 once", "8 once"]
     assert "± " in out
+    # The kept run folders: only the "+ distill" runs trained with the KL term.
+    distilled = {
+        folder.name
+        for folder in tmp_path.iterdir()
+        if (folder / "metrics.jsonl").exists() and '"distill"' in (folder / "metrics.jsonl").read_text()
+    }
+    assert distilled == {"atp-plus-distill-0.4-0", "two-step-taylor-plus-distill-0.4-0"}
 
 
 def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
@@ -49,7 +58,7 @@ def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
     _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1", "--methods", "atp"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [r[0].strip() for r in rows] == ["atp"]
-    assert [cell.strip() for cell in rows[0][-2:]] == ["n/a", "n/a"]  # retention needs dense LoRA
+    assert rows[0][-1].strip() == "n/a"  # retention needs dense LoRA
 
 
 def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
