@@ -108,7 +108,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     if plan is not None and plan[0] is not None:
         print(f"heaviest trial's {plan[0].table()}")
     out = Path(args.out) if args.out else Path("experiments") / Path(args.space).stem
-    from atp_ray.search.tuner import new_experiment, run_search
+    from atp_ray.search.experiment import new_experiment
+    from atp_ray.search.tuner import run_search
 
     check_ray_address(os.environ.get("RAY_ADDRESS"))  # before search.json is written
     experiment = new_experiment(out, space, base)
@@ -118,10 +119,10 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
-    from atp_ray.search.tuner import Experiment, resume_search
+    from atp_ray.search.tuner import open_to_resume, resume_search
 
     workdir = Path.cwd().resolve()  # before _driver moves to the experiment folder
-    experiment = Experiment.open(args.experiment, resuming=True)  # its state is checked before Ray starts
+    experiment = open_to_resume(args.experiment)  # its state is checked before Ray starts
     check_ray_address(os.environ.get("RAY_ADDRESS"))
     with _driver(experiment.root):
         resume_search(experiment, retry_failed=args.retry_failed, workdir=workdir)
@@ -233,7 +234,7 @@ def _search_running(root: Path) -> tuple[bool, str | None]:
         except PermissionError:  # alive, another user's
             pass
         return True, None
-    from atp_ray.search.tuner import STUDY_FILE, TUNE_NAME
+    from atp_ray.search.experiment import STUDY_FILE, TUNE_NAME
 
     beats = [pid_file, root / STUDY_FILE, *(root / TUNE_NAME).glob("experiment_state-*.json")]
     idle_s = time.time() - max(p.stat().st_mtime for p in beats if p.exists())
@@ -245,9 +246,9 @@ def _search_running(root: Path) -> tuple[bool, str | None]:
 
 def _report(experiment_dir: Path, show_front: bool) -> None:
     """Write EXPERIMENT_DIR/report/ from the trial table and print its summary."""
+    from atp_ray.search.experiment import Experiment
     from atp_ray.search.report import write_report
     from atp_ray.search.table import trial_curves, trial_table
-    from atp_ray.search.tuner import Experiment
 
     experiment = Experiment.open(experiment_dir)
     running, holder = _search_running(experiment.root)
@@ -255,7 +256,7 @@ def _report(experiment_dir: Path, show_front: bool) -> None:
         print(holder)
     table = trial_table(experiment, running=running)
     objectives = {o.name: o.mode for o in experiment.space.objective_list()}
-    out = experiment.root / "report"
+    out = experiment.report
     summary = write_report(table, objectives, trial_curves(experiment, table), out, running=running)
     print(summary.text())
     if show_front and (out / "front.csv").is_file():

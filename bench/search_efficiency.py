@@ -10,7 +10,7 @@
    the Pareto-aware early-stopping scheduler on and off; the figures are the training steps
    spent over all trials, the wall time, and the hypervolume of the completed trials.
 
-Every trial is a real ATP trial (atp_ray.trial.run_trial: train, compress, evaluate), but on
+Every trial is a real ATP trial (atp_ray.search.trial.run_trial: train, compress, evaluate), but on
 a tiny random Llama (2 layers, hidden 32) built here, trained a few steps on HPO text: a full
 trial on the embedded model costs minutes, and the comparison needs dozens. On a random
 model, perplexity differences are small and noisy, so the front is driven mostly by size;
@@ -79,7 +79,7 @@ def sampler_study(name: str, trials: int, seed: int, base: dict[str, Any], work:
     import optuna
 
     from atp_ray.search.space import SearchSpace
-    from atp_ray.trial import run_trial
+    from atp_ray.search.trial import run_trial
 
     space = SearchSpace.model_validate(
         {"base": base, "knobs": KNOBS, "objectives": [{"name": "quality"}, {"name": "params"}],
@@ -115,9 +115,10 @@ def early_stopping_search(enabled: bool, settings: Settings, base: dict[str, Any
     """A real search (Ray Tune) with the early-stopping scheduler on or off; what it spent and found."""
     import pandas as pd
 
+    from atp_ray.search.experiment import new_experiment
     from atp_ray.search.space import load_space
     from atp_ray.search.table import trial_table
-    from atp_ray.search.tuner import new_experiment, run_search
+    from atp_ray.search.tuner import run_search
 
     raw = {
         "base": base, "knobs": KNOBS, "objectives": [{"name": "quality"}, {"name": "params"}],

@@ -242,7 +242,7 @@ def searched(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
     """A finished one-trial search, run in a folder that a search which never started had left
     (its search.json alone, as a start that failed before Ray came up used to leave)."""
     from atp_ray.search.space import load_space
-    from atp_ray.search.tuner import new_experiment
+    from atp_ray.search.experiment import new_experiment
 
     tmp = tmp_path_factory.mktemp("searched")
     space = write_search_space(tmp, tiny_model_dir)
@@ -255,7 +255,7 @@ def searched(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_resume_of_a_search_that_never_started_says_to_run_search(tiny_model_dir, tmp_path, capsys):
     from atp_ray.search.space import load_space
-    from atp_ray.search.tuner import new_experiment
+    from atp_ray.search.experiment import new_experiment
 
     out = tmp_path / "exp"
     new_experiment(out, *load_space(write_search_space(tmp_path, tiny_model_dir)))

@@ -21,7 +21,7 @@ import yaml
 
 from atp_ray.cli import DRIVER_FILE, STALE_DRIVER_S, _search_running
 from atp_ray.search.space import load_space
-from atp_ray.search.tuner import SEARCH_FILE, Experiment, new_experiment
+from atp_ray.search.experiment import SEARCH_FILE, Experiment, new_experiment
 from tests.conftest import tiny_run_config
 
 
@@ -57,7 +57,7 @@ def test_paths_in_the_working_dir_resolve_in_the_resuming_drivers_once_the_first
     # The head is lost with its upload; the resuming job has a new one, with the same files.
     first.rename(second)
     monkeypatch.chdir(second)
-    Experiment.open(out, resuming=False).resumed_here()
+    Experiment.open(out).resumed_here()
     # What each trial then does: open the experiment and build its run config.
     trial = Experiment.open(out)
     config = trial.space.run_config({"atp.sparsity": 0.3}, trial.base)
@@ -163,3 +163,20 @@ def test_an_unreadable_driver_pid_is_no_running_search(tmp_path, text):
     (tmp_path / DRIVER_FILE).write_text(text)
     running, note = _search_running(tmp_path)
     assert not running and "unreadable" in note
+
+
+def test_reading_an_experiment_imports_no_ray(tiny_model_dir, tmp_path, monkeypatch):
+    """The experiment folder is read without Ray (a report on a laptop reads a finished search)."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(_workdir_with_data(tmp_path / "work", tiny_model_dir).parent)
+    new_experiment(tmp_path / "exp", *load_space("space.yaml"))
+    code = (
+        "import sys\n"
+        "from atp_ray.search.experiment import Experiment\n"
+        f"experiment = Experiment.open({str(tmp_path / 'exp')!r})\n"
+        "assert experiment.space.trials > 0\n"
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

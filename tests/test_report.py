@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from atp_ray.search.front import hypervolume
-from atp_ray.search.report import prepare_report, write_report
+from atp_ray.search.report import write_report
+from atp_ray.search.report_data import prepare_report
 
 OBJECTIVES = {"perplexity": "min", "params": "min", "latency_ms": "min"}
 

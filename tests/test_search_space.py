@@ -105,7 +105,8 @@ def test_relative_paths_in_the_base_config_are_made_absolute_for_the_trials(tmp_
 
 def test_early_stopping_grace_counts_held_out_evaluations_not_steps(tmp_path):
     """healthcare.yaml: grace 2 with an evaluation every 200 steps puts the first rung at step 400."""
-    from atp_ray.search.tuner import Experiment, _scheduler
+    from atp_ray.search.experiment import Experiment
+    from atp_ray.search.tuner import _scheduler
 
     space, base = load_space(Path(__file__).parents[1] / "search_spaces" / "healthcare.yaml")
     assert space.early_stopping.grace == 2 and base["train"]["eval_every"] == 200

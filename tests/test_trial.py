@@ -9,7 +9,7 @@ import pytest
 
 from atp_ray.config import load_config
 from atp_ray.search.objectives import Objective
-from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
+from atp_ray.search.trial import TrialDiverged, TrialFolder, run_trial
 from tests.conftest import tiny_run_config
 
 OBJECTIVES = [Objective("quality", "min"), Objective("params", "min"), Objective("flops", "min")]

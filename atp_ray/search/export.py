@@ -7,8 +7,8 @@ from pathlib import Path
 
 from atp_ray.compress import is_compressed
 from atp_ray.errors import ConfigError
-from atp_ray.search.tuner import Experiment
-from atp_ray.trial import TrialFolder
+from atp_ray.search.experiment import Experiment
+from atp_ray.search.trial import TrialFolder
 
 
 def export_trial(experiment_dir: str | Path, trial_id: str, out: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """What a search optimises: the objective registry and how each objective is measured.
 
-Plain torch (no Ray), shared by :func:`atp_ray.trial.run_trial` and the search layer.
+Plain torch (no Ray), shared by :func:`atp_ray.search.trial.run_trial` and the search layer.
 Every objective has a *final* value, measured on the trial's compressed model, and an
 *intermediate* value reported while the trial trains (Tune checks that every report
 carries every objective):

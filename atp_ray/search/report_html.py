@@ -7,7 +7,6 @@ run searches often have no network, so no CDN), and every figure is a div drawn 
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,8 +15,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-if TYPE_CHECKING:
-    from atp_ray.search.report import ReportData, ReportSummary
+from atp_ray.search.report_data import ReportData, ReportSummary
 
 __all__ = ["render_html"]
 

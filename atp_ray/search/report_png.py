@@ -7,14 +7,12 @@ global backend state), so drawing works on a headless node and inside a running 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:
-    from atp_ray.search.report import ReportData
+from atp_ray.search.report_data import ReportData
 
 __all__ = ["render_pngs"]
 

@@ -39,9 +39,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from atp_ray.search.front import MODES, pareto_ranks
 
-__all__ = ["RECORD_FILE", "rung_decision", "RungRecord", "ParetoRungs", "ParetoEarlyStopping", "read_stopped"]
-
-RECORD_FILE = "early_stopping.jsonl"  # the rung records' usual name inside the experiment folder
+__all__ = ["rung_decision", "RungRecord", "ParetoRungs", "ParetoEarlyStopping", "read_stopped"]
 
 
 def rung_decision(values: np.ndarray, index: int, modes: Sequence[str], eta: float) -> bool:

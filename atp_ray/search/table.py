@@ -16,8 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from atp_ray.search.tuner import RECORD_FILE, Experiment
-from atp_ray.trial import TrialFolder
+from atp_ray.run_folder import RunFolder
+from atp_ray.search.experiment import Experiment
+from atp_ray.search.trial import TrialFolder
 
 STATUSES = ("COMPLETED", "RUNNING", "PENDING", "FAILED", "STOPPED")
 # Tune's trial states -> ours, when the trial folder has no record of its own yet.
@@ -49,7 +50,7 @@ def trial_table(experiment: Experiment, running: bool = False) -> pd.DataFrame:
     # trial order: Tune's (creation order), then folders Tune never saved (newest driver's last moments)
     for trial_id in [*tune_states, *sorted(folder_ids - set(tune_states))]:
         folder = TrialFolder(experiment.trials / trial_id)
-        record = _read_json(folder.root / RECORD_FILE) or {}
+        record = _read_json(folder.record) or {}
         tune_status, config, error_file = tune_states.get(trial_id, (None, {}, None))
         params = {**fixed, **(config or {}), **record.get("knobs", {})}
         final = folder.read_objectives()
@@ -82,7 +83,7 @@ def trial_curves(experiment: Experiment, table: pd.DataFrame) -> dict[str, pd.Da
     """Each trial's metrics.jsonl rows (only trials that logged any)."""
     curves = {}
     for trial_id, run_dir in zip(table["trial_id"], table["run_dir"]):
-        path = Path(run_dir) / "metrics.jsonl"
+        path = RunFolder(Path(run_dir)).metrics
         if path.is_file() and path.stat().st_size:
             curves[trial_id] = pd.read_json(path, lines=True)
     return curves

@@ -1,18 +1,7 @@
 """The search recipe: a validated space -> Ray Tune + Optuna -> one trial folder per trial.
 
-An experiment folder holds
-
-    search.json        the space, the resolved base run config and where Tune keeps its state
-    study.journal      the Optuna study (JournalStorage): ``optuna-dashboard study.journal``
-    trials/<trial_id>/ each trial's folder (atp_ray.trial): run/, compressed/, objectives.json,
-                       trial.json (status, failure reason, wall time)
-    early_stopping.jsonl  the early-stopping scheduler's rung records (when it is on)
-    tune/              Ray Tune's experiment (results, TensorBoard logs, checkpoints), unless
-                       the space's ``storage`` puts it in a bucket or elsewhere
-    report/            written by ``atp-ray report``
-
-The experiment folder must be on a filesystem every node sees (local on one machine, NFS on
-a cluster); Tune's own state may go to ``s3://`` or ``gs://``.
+The experiment folder it writes is described in :mod:`atp_ray.search.experiment`; this module
+is where Ray comes in: the searcher, the trainable, the Tuner, resume.
 """
 
 from __future__ import annotations
@@ -25,223 +14,26 @@ import pickle
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from atp_ray.cluster_config import DRIVER_RESOURCE
 from atp_ray.config import load_config
+from atp_ray.errors import ExperimentError
 from atp_ray.run_folder import atomic_write_json
+from atp_ray.search.experiment import TUNE_NAME, Experiment
 from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.space import SearchSpace
-from atp_ray.trial import TrialDiverged, TrialFolder, run_trial
+from atp_ray.search.trial import TrialDiverged, TrialFolder, run_trial
 
 log = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"
-STUDY_FILE = "study.journal"
 STUDY_NAME = "atp-ray"
-TUNE_NAME = "tune"
-TRIALS_DIR = "trials"
-RECORD_FILE = "trial.json"  # inside a trial folder
-EARLY_STOPPING_FILE = "early_stopping.jsonl"  # the early-stopping scheduler's rung records
 # CPU a multi-worker trial's driver holds while its Ray Train workers hold the real resources.
 DRIVER_CPU = 0.1
-
-
-# -- the experiment folder --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """An experiment folder and what ``search.json`` says about it.
-
-    Paths in ``search.json`` outlive the machine that wrote them. A search's driver may run in
-    a Ray job's uploaded copy of the checkout (``/tmp/ray/session_*/runtime_resources/...`` on
-    the head), which a new head, after a lost one, does not have. So when ``search.json`` is
-    written, every absolute path in the base run config (and Tune's storage path) that lies
-
-    - inside the experiment folder is stored as ``${experiment}/REL``, and
-    - else inside the driver's working directory (``workdir``) as ``${workdir}/REL``;
-
-    any other path is stored as it is. :meth:`open` resolves them again, in every process that
-    opens the experiment (each trial does, when it builds its run config): ``${experiment}``
-    against the folder as it is found now, ``${workdir}`` against the ``workdir`` recorded in
-    ``search.json``. That is the working directory of the driver that started the search, until
-    a resume finds it gone: the resuming driver records its own (:meth:`resumed_here`), so a
-    resumed job on a new head, with a new upload of the checkout, finds the same files there.
-    """
-
-    root: Path
-    space: SearchSpace
-    base: dict[str, Any]  # the resolved base run config (raw): its paths absolute on this machine
-    storage: str  # Tune's storage_path
-    workdir: Path | None = None  # the driver's working directory (None: a search.json from before it was kept)
-
-    EXPERIMENT_DIR: ClassVar[str] = "${experiment}"
-    WORKDIR: ClassVar[str] = "${workdir}"
-
-    @property
-    def trials(self) -> Path:
-        return self.root / TRIALS_DIR
-
-    @property
-    def study(self) -> Path:
-        return self.root / STUDY_FILE
-
-    @property
-    def tune_path(self) -> str:
-        return f"{self.storage.rstrip('/')}/{TUNE_NAME}"
-
-    def save(self) -> None:
-        """Write ``search.json``, its paths relative to the experiment folder or the working dir."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            self.root / SEARCH_FILE,
-            {
-                "space": self.space.model_dump(mode="json", by_alias=True),
-                "base": self._portable(self.base),
-                "storage": self._portable(self.storage),
-                "workdir": None if self.workdir is None else str(self.workdir),
-            },
-        )
-
-    def resumed_here(self, workdir: Path | None = None) -> Experiment:
-        """This experiment as a driver in ``workdir`` (default: the current one) resumes it.
-
-        While the recorded working dir exists, it stays (a resume from another directory of
-        the same machine finds the files the search started with). Once it is gone, with the
-        head that held a job's upload of it, ``workdir`` takes its place and is saved, so the
-        trials this driver starts resolve ``${workdir}`` paths in the new upload.
-        """
-        if self.workdir is None or self.workdir.is_dir():
-            return self
-        try:
-            workdir = (workdir or Path.cwd()).resolve()
-        except FileNotFoundError:  # seen in Ray jobs: the driver's working dir removed under it
-            log.warning("the search's working dir %s is gone, and so is this one: paths stay as they are", self.workdir)
-            return self
-        log.warning(
-            "the search's working dir %s is gone (with its head?); its paths now resolve in %s", self.workdir, workdir
-        )
-        portable = self._portable(self.base)
-        moved = replace(self, workdir=workdir)
-        moved = replace(moved, base=moved._resolved(portable))
-        moved.save()
-        return moved
-
-    def _places(self) -> list[tuple[str, Path]]:
-        # The experiment first: it may lie inside the working dir (``--out experiments/x``).
-        places = [(self.EXPERIMENT_DIR, self.root)]
-        return places + ([(self.WORKDIR, self.workdir)] if self.workdir is not None else [])
-
-    def _portable(self, value: Any) -> Any:
-        """``value`` (a nested config) with absolute paths under a place written from that place."""
-
-        def portable(text: str) -> str:
-            if not text.startswith("/"):
-                return text  # hub ids, URIs, templates are no paths of this machine
-            for name, place in self._places():
-                if Path(text).is_relative_to(place):
-                    relative = Path(text).relative_to(place).as_posix()
-                    return name if relative == "." else f"{name}/{relative}"
-            return text
-
-        return _map_strings(value, portable)
-
-    def _resolved(self, value: Any) -> Any:
-        """The inverse of :meth:`_portable`: each ``${place}`` prefix replaced by that place."""
-
-        def resolved(text: str) -> str:
-            for name, place in self._places():
-                if text == name or text.startswith(name + "/"):
-                    return str(place) + text[len(name) :]
-            return text
-
-        return _map_strings(value, resolved)
-        for name, place in self._places():
-            if value == name or value.startswith(name + "/"):
-                return str(place) + value[len(name) :]
-        return value
-
-    @classmethod
-    def open(cls, root: str | Path, *, resuming: bool = False) -> Experiment:
-        """The experiment in ``root``; with ``resuming``, also check that it can be resumed.
-
-        Resuming needs Tune's saved state (a search whose Ray never started has none) and a
-        study journal whose every line is a complete JSON record (a driver killed mid-write,
-        or an edit, leaves one that is not; Optuna would fail on it with a bare JSONDecodeError).
-        Only a stopped search is checked: a running driver may be writing the journal's last line.
-        """
-        from atp_ray.errors import ConfigError, ExperimentError
-
-        root = Path(root).resolve()
-        path = root / SEARCH_FILE
-        if not path.is_file():
-            raise ConfigError([f"{root}: not an experiment folder ({SEARCH_FILE} is missing)"])
-        data = json.loads(path.read_text())
-        workdir = Path(data["workdir"]) if data.get("workdir") else None
-        stored = cls(root, SearchSpace.model_validate(data["space"]), data["base"], data["storage"], workdir)
-        experiment = replace(stored, base=stored._resolved(stored.base), storage=stored._resolved(stored.storage))
-        if not resuming:
-            return experiment
-        if not tune.Tuner.can_restore(experiment.tune_path):
-            raise ExperimentError(
-                f"{root}: the search never started (no Tune state in {experiment.tune_path}), so there is "
-                f"nothing to resume; run `atp-ray search --space <your space> --out {root}` again"
-            )
-        lines = experiment.study.read_bytes().split(b"\n") if experiment.study.is_file() else [b""]
-        unterminated = lines.pop() != b""  # text after the last newline: a record cut short
-        damaged = len(lines) + 1 if unterminated else None
-        for number, line in enumerate(lines, 1):
-            try:
-                json.loads(line)
-            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
-                damaged = number
-                break
-        if damaged is None:
-            return experiment
-        total = len(lines) + unterminated
-        if damaged == total:
-            advice = f"delete that last line (sed -i '{damaged}d' {experiment.study}) and resume again"
-        else:
-            advice = "restore the file from a backup, or start a new search with another --out"
-        raise ExperimentError(
-            f"{experiment.study}: the study journal is damaged: line {damaged} of {total} is not a complete "
-            f"JSON record; {advice}"
-        )
-
-
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """``value`` (nested dicts and lists) with ``change`` applied to every string in it."""
-    if isinstance(value, dict):
-        return {k: _map_strings(v, change) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_map_strings(v, change) for v in value]
-    return change(value) if isinstance(value, str) else value
-
-
-def new_experiment(root: str | Path, space: SearchSpace, base: dict[str, Any]) -> Experiment:
-    """An experiment folder for a new search (an existing one must be resumed instead)."""
-    from atp_ray.errors import ConfigError
-
-    root = Path(root).resolve()
-    # A search.json alone is a search that stopped before Ray came up (the journal is made
-    # once it has, Tune's state and trials/ after): nothing to resume, so a new one may replace it.
-    started = any((root / name).exists() for name in (STUDY_FILE, TUNE_NAME, TRIALS_DIR))
-    if (root / SEARCH_FILE).exists() and started:
-        raise ConfigError([f"--out: {root} already holds a search; continue it with `atp-ray resume {root}`"])
-    # ``base`` came from load_space: its local paths made absolute against this working dir;
-    # so is a local storage path (the driver runs in the experiment folder: cli._driver).
-    storage = space.storage or str(root)
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    experiment = Experiment(root, space, base, storage, workdir=Path.cwd().resolve())
-    experiment.save()
-    return experiment
 
 
 # -- the searcher -----------------------------------------------------------------------------
@@ -385,7 +177,7 @@ def make_searcher(experiment: Experiment, concurrency: int) -> StudySearch:
 
 
 def trainable(params: dict[str, Any], experiment_dir: str) -> None:
-    """One Tune trial: the sampled knobs -> :func:`atp_ray.trial.run_trial`, reported to Tune."""
+    """One Tune trial: the sampled knobs -> :func:`atp_ray.search.trial.run_trial`, reported to Tune."""
     experiment = Experiment.open(experiment_dir)
     trial_id = tune.get_context().get_trial_id()
     folder = TrialFolder(experiment.trials / trial_id)
@@ -436,7 +228,7 @@ class _Record:
     """trial.json: the knobs, status, failure reason, attempts and wall time (summed over attempts)."""
 
     def __init__(self, folder: TrialFolder, params: dict[str, Any]):
-        self.path = folder.root / RECORD_FILE
+        self.path = folder.record
         previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.spent = previous.get("wall_time_s", 0.0)
         self.attempts = previous.get("attempts", 0) + 1  # a retry, or a resume after the driver died
@@ -580,8 +372,29 @@ def _scheduler(experiment: Experiment) -> Any:
         time_attr="step",
         grace=space.early_stopping.grace * eval_every,
         eta=space.early_stopping.eta,
-        record_path=experiment.root / EARLY_STOPPING_FILE,  # rungs survive a resume
+        record_path=experiment.rungs,  # rungs survive a resume
     )
+
+
+def open_to_resume(root: str | Path) -> Experiment:
+    """The experiment in ``root``, checked before Ray starts that it can be resumed.
+
+    Resuming needs Tune's saved state (a search whose Ray never started has none) and a study
+    journal of complete records (:meth:`Experiment.check_journal`).
+    """
+    experiment = Experiment.open(root)
+    if not tune_state_saved(experiment):
+        raise ExperimentError(
+            f"{experiment.root}: the search never started (no Tune state in {experiment.tune_path}), so there is "
+            f"nothing to resume; run `atp-ray search --space <your space> --out {experiment.root}` again"
+        )
+    experiment.check_journal()
+    return experiment
+
+
+def tune_state_saved(experiment: Experiment) -> bool:
+    """Whether Tune has saved the experiment's state (in its storage, which may be a bucket)."""
+    return tune.Tuner.can_restore(experiment.tune_path)
 
 
 def run_search(experiment: Experiment) -> Any:

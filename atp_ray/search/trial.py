@@ -7,6 +7,7 @@ user can call it directly. A trial folder holds
     compressed/       the compressed model (atp_ray.compress)
     reference.json    dense-model speed figures, when a speed objective is searched
     objectives.json   the final objective values, written last: the trial is done
+    trial.json        the search's record of it: knobs, status, failure reason, wall time
 
 Each stage is skipped when its output is already complete on disk, so a trial that died
 in compression or evaluation, started again on the same folder, finishes from where it
@@ -54,6 +55,7 @@ class TrialFolder:
         self.compressed = self.root / "compressed"
         self.reference = self.root / "reference.json"
         self.objectives = self.root / "objectives.json"
+        self.record = self.root / "trial.json"  # written by the search (atp_ray.search.tuner)
 
     def read_objectives(self) -> Objectives | None:
         return json.loads(self.objectives.read_text()) if self.objectives.is_file() else None
