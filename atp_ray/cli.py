@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from atp_ray.cluster import add_cluster_parser
+from atp_ray.cli_cluster import add_cluster_parser
 from atp_ray.errors import ATPRayError, ClusterError
 
 log = logging.getLogger("atp_ray")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from ray.train import UserCallback
 
-from atp_ray.cluster_capacity import NodeType, cluster_node_types, fit_problem, node_cpus
+from atp_ray.cluster.capacity import NodeType, cluster_node_types, fit_problem, node_cpus
 from atp_ray.config import RunConfig
 from atp_ray.errors import ATPRayError
 from atp_ray.process import ProcessContext, Restored, ShardWriter

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atp_ray.cluster_capacity import NodeType, fit_problem, node_cpus, node_types_of, trials_at_once, worker_slots
+from atp_ray.cluster.capacity import NodeType, fit_problem, node_cpus, node_types_of, trials_at_once, worker_slots
 
 ROOT = Path(__file__).parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atp_ray import cluster as cl
-from atp_ray import cluster_config as cc
+from atp_ray.cluster import clusters, commands, prerequisites, verbs
+from atp_ray.cluster import config as cc
 from atp_ray.errors import ClusterError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,23 +152,23 @@ def _filled(provider: str, tmp_path: Path) -> Path:
 
 
 def test_cloud_cluster_refuses_a_local_experiment_path(tmp_path):
-    cluster = cl.CloudCluster.open(_filled("aws", tmp_path))
+    cluster = clusters.CloudCluster.open(_filled("aws", tmp_path))
     assert cluster.default_experiment_root() == "/mnt/atp-ray/experiments"
     cluster.check_shared("/mnt/atp-ray/experiments/x")
     with pytest.raises(ClusterError, match="local path, but the cluster has several nodes"):
-        cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/home/me/runs/x")
+        verbs.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/home/me/runs/x")
     with pytest.raises(ClusterError, match="several nodes"):
-        cl.resume_search(cluster, "runs/x")
+        verbs.resume_search(cluster, "runs/x")
 
 
 def test_experiment_names_resolve_under_the_storage(tmp_path):
-    cluster = cl.CloudCluster.open(_filled("gcp", tmp_path))
-    assert cl._experiment_dir(cluster, "demo-1") == "/mnt/atp-ray/experiments/demo-1"
-    assert cl._experiment_dir(cluster, "/mnt/atp-ray/experiments/x") == "/mnt/atp-ray/experiments/x"
+    cluster = clusters.CloudCluster.open(_filled("gcp", tmp_path))
+    assert verbs._experiment_dir(cluster, "demo-1") == "/mnt/atp-ray/experiments/demo-1"
+    assert verbs._experiment_dir(cluster, "/mnt/atp-ray/experiments/x") == "/mnt/atp-ray/experiments/x"
 
 
 def test_job_commands_are_atp_ray_search_resume_report_export():
-    c = cl.JobCommands()
+    c = commands.JobCommands()
     assert c.search("search_spaces/demo.yaml", "/mnt/atp-ray/experiments/e", 8, ["search.metric=x"]) == [
         "atp-ray",
         "search",
@@ -200,10 +200,10 @@ def test_job_commands_are_atp_ray_search_resume_report_export():
 
 def test_missing_prerequisites_fail_early(tmp_path, monkeypatch):
     with pytest.raises(ClusterError, match="cluster config not found"):
-        cl.cloud_up(tmp_path / "nope.yaml")
+        verbs.cloud_up(tmp_path / "nope.yaml")
     if importlib.util.find_spec("boto3") is None:
         with pytest.raises(ClusterError, match="needs boto3"):
-            cl.require_cloud_credentials("aws")
+            prerequisites.require_cloud_credentials("aws")
     else:
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
             monkeypatch.delenv(var, raising=False)
@@ -211,17 +211,17 @@ def test_missing_prerequisites_fail_early(tmp_path, monkeypatch):
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         with pytest.raises(ClusterError, match="no AWS credentials"):
-            cl.require_cloud_credentials("aws")
+            prerequisites.require_cloud_credentials("aws")
     with pytest.raises(ClusterError, match="provider gcp"):  # no client library or no credentials here
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "none.json"))
-        cl.require_cloud_credentials("gcp")
+        prerequisites.require_cloud_credentials("gcp")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ClusterError, match="`ray` command is not installed"):
-        cl.ray_cli()
+        prerequisites.ray_cli()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ClusterError, match="needs the dashboard"):
-        cl.require_job_api()
+        prerequisites.require_job_api()
 
 
 def test_cli_reports_a_missing_config_with_exit_code_2(tmp_path, capsys):
@@ -233,6 +233,6 @@ def test_cli_reports_a_missing_config_with_exit_code_2(tmp_path, capsys):
 
 def test_submit_to_a_cloud_cluster_that_is_not_up_fails_clearly(tmp_path):
     """The real `ray dashboard` port-forward is tried and gives up (no cloud here); about 10 s."""
-    cluster = cl.CloudCluster.open(_filled("aws", tmp_path))
+    cluster = clusters.CloudCluster.open(_filled("aws", tmp_path))
     with pytest.raises(ClusterError, match="cannot reach the head's dashboard"):
-        cl.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/mnt/atp-ray/experiments/x")
+        verbs.submit_search(cluster, ROOT / "tests" / "cluster_job.py", out="/mnt/atp-ray/experiments/x")

@@ -23,23 +23,24 @@ import pandas as pd
 import pytest
 import yaml
 
-from atp_ray import cluster as cl
+from atp_ray.cluster import clusters, commands, jobs, local, processes, rest, verbs
+from atp_ray.cluster import config as cc
 from atp_ray.errors import ClusterError
 
-STAND_IN = cl.JobCommands(program=("python", "tests/cluster_job.py"))
+STAND_IN = commands.JobCommands(program=("python", "tests/cluster_job.py"))
 SPACE = "tests/cluster_job.py"  # any file of the checkout: the stand-in only reads it
 
 
-def _start(root: Path) -> cl.LocalCluster:
+def _start(root: Path) -> clusters.LocalCluster:
     """A local cluster: a 1-CPU head with the search driver's resource, up to two 2-CPU worker nodes."""
-    return cl.local_up(root, cpus_per_node=2, max_workers=2)
+    return local.local_up(root, cpus_per_node=2, max_workers=2)
 
 
-def _stop(cluster: cl.LocalCluster) -> None:
-    cl.local_down(cluster.root)
+def _stop(cluster: clusters.LocalCluster) -> None:
+    local.local_down(cluster.root)
     # Every process the head's `ray start` began is gone (it ran in a session of its own,
     # and the worker nodes the autoscaler started are its children).
-    assert not cl._session_members(cluster.head_pid)
+    assert not processes.session_members(cluster.head_pid)
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +55,11 @@ def local_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _task_nodes(cluster: cl.LocalCluster, submission_id: str) -> set[str]:
+def _task_nodes(cluster: clusters.LocalCluster, submission_id: str) -> set[str]:
     """The nodes where a job's tasks and actor tasks ran, from Ray's own state API."""
-    job = cl._get_json(f"{cluster.dashboard_url}/api/jobs/{submission_id}", cluster.token_path())["job_id"]
+    job = rest.get_json(f"{cluster.dashboard_url}/api/jobs/{submission_id}", cluster.token_path())["job_id"]
     query = f"detail=1&limit=10000&filter_keys=job_id&filter_predicates=%3D&filter_values={job}"
-    tasks = cl._get_json(f"{cluster.dashboard_url}/api/v0/tasks?{query}", cluster.token_path())["data"]["result"]
+    tasks = rest.get_json(f"{cluster.dashboard_url}/api/v0/tasks?{query}", cluster.token_path())["data"]["result"]
     return {t["node_id"] for t in tasks["result"] if t.get("node_id")}
 
 
@@ -72,13 +73,13 @@ def test_job_runs_on_nodes_the_autoscaler_adds_and_its_report_comes_back(local_c
     experiment = tmp_path / "exp"
     monkeypatch.setenv("HF_TOKEN", "hf_test")  # set after the head started: only the job can carry it
     command_lines = []
-    run = cl._run
-    monkeypatch.setattr(cl, "_run", lambda argv, **kw: command_lines.append(argv) or run(argv, **kw))
-    job_id, where = cl.submit_search(
+    run = jobs.run
+    monkeypatch.setattr(jobs, "run", lambda argv, **kw: command_lines.append(argv) or run(argv, **kw))
+    job_id, where = verbs.submit_search(
         local_cluster, SPACE, out=str(experiment), trials=4, overrides=["sleep_s=5"], commands=STAND_IN, wait=True
     )
     assert where == str(experiment)
-    assert cl.job_status(local_cluster, job_id) == "SUCCEEDED"
+    assert jobs.job_status(local_cluster, job_id) == "SUCCEEDED"
     assert not any("hf_test" in " ".join(argv) for argv in command_lines), "a secret on a command line"
 
     trials = _trials(experiment)
@@ -90,9 +91,9 @@ def test_job_runs_on_nodes_the_autoscaler_adds_and_its_report_comes_back(local_c
     # The driver asked for the head-only resource, so it ran on the head, which has no GPUs.
     assert driver["hf_token"] == "hf_test"
     head = driver["nodes"][driver["driver_node"]]
-    assert head[cl.DRIVER_RESOURCE] == cl.DRIVER_RESOURCE_UNITS and "GPU" not in head
+    assert head[cc.DRIVER_RESOURCE] == cc.DRIVER_RESOURCE_UNITS and "GPU" not in head
 
-    report = cl.fetch_report(local_cluster, str(experiment), tmp_path / "fetched", commands=STAND_IN)
+    report = verbs.fetch_report(local_cluster, str(experiment), tmp_path / "fetched", commands=STAND_IN)
     assert {r["trial"] for r in json.loads((report / "report.json").read_text())["trials"]} == {0, 1, 2, 3}
 
 
@@ -117,7 +118,7 @@ def _tiny_space(tmp_path: Path, model_dir: Path, trials: int) -> Path:
     return path
 
 
-def _search_env(cluster: cl.LocalCluster) -> dict[str, str]:
+def _search_env(cluster: clusters.LocalCluster) -> dict[str, str]:
     """A driver on the head: the cluster's address and token, its autoscaling config where ``ray up`` keeps one."""
     return {
         **cluster.env(),
@@ -127,12 +128,12 @@ def _search_env(cluster: cl.LocalCluster) -> dict[str, str]:
     }
 
 
-def _state(cluster: cl.LocalCluster, kind: str, **filters: str) -> list[dict]:
+def _state(cluster: clusters.LocalCluster, kind: str, **filters: str) -> list[dict]:
     """Rows of Ray's state API (tasks, actors, nodes) on the cluster's dashboard."""
     query = "detail=1&limit=10000" + "".join(
         f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items()
     )
-    return cl._get_json(f"{cluster.dashboard_url}/api/v0/{kind}?{query}", cluster.token_path())["data"]["result"]["result"]
+    return rest.get_json(f"{cluster.dashboard_url}/api/v0/{kind}?{query}", cluster.token_path())["data"]["result"]["result"]
 
 
 def test_real_search_waits_for_the_autoscaler_and_keeps_models_off_the_head(local_cluster, tiny_model_dir, tmp_path):
@@ -173,26 +174,26 @@ def test_real_search_waits_for_the_autoscaler_and_keeps_models_off_the_head(loca
 def test_stopped_search_resumes_to_completion_without_losing_trials(local_cluster, tmp_path):
     """Measured here: 55-90 s (four jobs on the session's cluster)."""
     experiment = tmp_path / "exp"
-    job_id, _ = cl.submit_search(
+    job_id, _ = verbs.submit_search(
         local_cluster, SPACE, out=str(experiment), trials=12, overrides=["sleep_s=6"], commands=STAND_IN
     )
     deadline = time.monotonic() + 120
     while not (experiment / "trials").exists() or not _trials(experiment):
         assert time.monotonic() < deadline, "no trial finished"
-        assert cl.job_status(local_cluster, job_id) in ("PENDING", "RUNNING")
+        assert jobs.job_status(local_cluster, job_id) in ("PENDING", "RUNNING")
         time.sleep(0.5)
-    cl.stop_job(local_cluster, job_id)
-    assert cl.wait_for_job(local_cluster, job_id, timeout_s=60) == "STOPPED"
+    jobs.stop_job(local_cluster, job_id)
+    assert jobs.wait_for_job(local_cluster, job_id, timeout_s=60) == "STOPPED"
     before = _trials(experiment)
     assert 0 < len(before) < 12, "the job was stopped mid-search"
 
-    resumed = cl.resume_search(local_cluster, str(experiment), commands=STAND_IN, wait=True)
-    assert cl.job_status(local_cluster, resumed) == "SUCCEEDED"
+    resumed = verbs.resume_search(local_cluster, str(experiment), commands=STAND_IN, wait=True)
+    assert jobs.job_status(local_cluster, resumed) == "SUCCEEDED"
     after = _trials(experiment)
     assert sorted(after) == list(range(12)), "no trial lost"
     assert all(after[i] == before[i] for i in before), "finished trials were not run again"
 
-    model = cl.export_model(local_cluster, str(experiment), "3", tmp_path / "model", commands=STAND_IN)
+    model = verbs.export_model(local_cluster, str(experiment), "3", tmp_path / "model", commands=STAND_IN)
     assert json.loads((model / "model.json").read_text())["trial"] == 3
 
 
@@ -202,16 +203,16 @@ def test_real_search_job_stopped_and_resumed(local_cluster, tmp_path):
     experiment = tmp_path / "demo"
     # The demo space, cut to two short trials so that stop, resume and report fit the test's time.
     short = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "data.max_documents=300"]
-    job_id, _ = cl.submit_search(local_cluster, "search_spaces/demo.yaml", out=str(experiment), trials=2, overrides=short)
+    job_id, _ = verbs.submit_search(local_cluster, "search_spaces/demo.yaml", out=str(experiment), trials=2, overrides=short)
     deadline = time.monotonic() + 1200
     while not any(experiment.glob("**/result.json")):  # Tune writes it when a trial first reports
-        assert time.monotonic() < deadline and cl.job_status(local_cluster, job_id) in ("PENDING", "RUNNING")
+        assert time.monotonic() < deadline and jobs.job_status(local_cluster, job_id) in ("PENDING", "RUNNING")
         time.sleep(2)
-    cl.stop_job(local_cluster, job_id)
-    assert cl.wait_for_job(local_cluster, job_id, timeout_s=120) == "STOPPED"
-    resumed = cl.resume_search(local_cluster, str(experiment), wait=True)
+    jobs.stop_job(local_cluster, job_id)
+    assert jobs.wait_for_job(local_cluster, job_id, timeout_s=120) == "STOPPED"
+    resumed = verbs.resume_search(local_cluster, str(experiment), wait=True)
     assert len(_task_nodes(local_cluster, job_id) | _task_nodes(local_cluster, resumed)) == 2, "trials on both nodes"
-    report = cl.fetch_report(local_cluster, str(experiment), tmp_path / "report")
+    report = verbs.fetch_report(local_cluster, str(experiment), tmp_path / "report")
     import pandas as pd
 
     table = pd.read_csv(report / "trials.csv")  # the budget exactly: none lost, none run twice
@@ -220,16 +221,16 @@ def test_real_search_job_stopped_and_resumed(local_cluster, tmp_path):
 
 def test_local_cluster_refuses_long_roots_and_missing_state(tmp_path):
     with pytest.raises(ClusterError, match="socket paths"):
-        cl.local_up("/tmp/" + "x" * 60)
+        local.local_up("/tmp/" + "x" * 60)
     with pytest.raises(ClusterError, match="no local cluster"):
-        cl.open_cluster(f"local:{tmp_path}")
+        clusters.open_cluster(f"local:{tmp_path}")
 
 
 def test_local_paths_must_be_absolute_on_the_local_cluster(local_cluster):
     with pytest.raises(ClusterError, match="absolute path"):
-        cl.submit_search(local_cluster, SPACE, out="runs/relative", commands=STAND_IN)
+        verbs.submit_search(local_cluster, SPACE, out="runs/relative", commands=STAND_IN)
     with pytest.raises(ClusterError, match="inside the checkout"):
-        cl.submit_search(local_cluster, "/etc/hostname", out="/tmp/x", commands=STAND_IN)
+        verbs.submit_search(local_cluster, "/etc/hostname", out="/tmp/x", commands=STAND_IN)
 
 
 def _notes(folder: Path) -> Path:
@@ -320,17 +321,17 @@ def test_search_resumes_on_a_new_head_after_its_head_is_lost(tiny_model_dir, tmp
         assert "RUNNING" not in states and states.count("COMPLETE") == 3, states
 
         # Submitting to the same experiment again resumes it: nothing runs, nothing is replaced.
-        job_id, where = cl.submit_search(second, "search_spaces/demo.yaml", out=str(out))
+        job_id, where = verbs.submit_search(second, "search_spaces/demo.yaml", out=str(out))
         assert where == str(out) and job_id.startswith("resume-")
-        status = cl.wait_for_job(second, job_id, timeout_s=600)
+        status = jobs.wait_for_job(second, job_id, timeout_s=600)
         assert sorted(p.name for p in trials.iterdir()) == sorted(table.trial_id)
         assert {name: (trials / name / "objectives.json").read_bytes() for name in finished} == finished
         if status != "SUCCEEDED":
-            logs = cl._get_json(f"{second.dashboard_url}/api/jobs/{job_id}/logs", second.token_path())["logs"]
+            logs = rest.get_json(f"{second.dashboard_url}/api/jobs/{job_id}/logs", second.token_path())["logs"]
             pytest.fail(f"the resume job failed:\n{logs[-4000:]}")
     finally:
         for cluster in (first, second):
-            if cluster is not None and (cluster.root / cl.LocalCluster.STATE_FILE).exists():
-                cl.local_down(cluster.root)
+            if cluster is not None and (cluster.root / clusters.LocalCluster.STATE_FILE).exists():
+                local.local_down(cluster.root)
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)

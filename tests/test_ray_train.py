@@ -20,7 +20,7 @@ from conftest import tiny_run_config
 from ray.train import UserCallback
 
 from atp_ray.atp import run_atp
-from atp_ray.cluster_capacity import NodeType
+from atp_ray.cluster.capacity import NodeType
 from atp_ray.config import load_config
 from atp_ray.distributed import (
     CONTROLLER_POLL_ENV,

@@ -20,7 +20,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from atp_ray.cluster_config import DRIVER_RESOURCE
+from atp_ray.cluster.config import DRIVER_RESOURCE
 from atp_ray.config import load_config
 from atp_ray.errors import ExperimentError
 from atp_ray.run_folder import atomic_write_json
@@ -332,7 +332,7 @@ def trial_resources(space: SearchSpace, cluster: dict[str, float]) -> dict[str, 
 def default_concurrency(space: SearchSpace) -> int:
     """The space's ``concurrency``, else the trials the cluster holds at once at its largest:
     its node types times their max workers (an autoscaling cluster starts with no GPU node)."""
-    from atp_ray.cluster_capacity import cluster_node_types, trials_at_once
+    from atp_ray.cluster.capacity import cluster_node_types, trials_at_once
 
     if space.concurrency:
         return space.concurrency
