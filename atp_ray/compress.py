@@ -24,8 +24,9 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.errors import CompressionError
-from atp_ray.layout import LAYOUTS, count_params  # count_params: re-exported for callers
+from atp_ray.layout import count_params  # count_params: re-exported for callers
 from atp_ray.modeling import DTYPES, load_run_model, load_tokenizer
+from atp_ray.models import family_of
 from atp_ray.run_folder import RunFolder, atomic_write_json
 from atp_ray.structures import Masks, PruningSpace
 from atp_ray.surgery import KeptUnits, LayerWidths, shrink_layer
@@ -109,7 +110,7 @@ def compress_model(model: PreTrainedModel, space: PruningSpace, masks: Masks, so
     widths = []
     for index, layer in enumerate(space.layout.layers(model)):
         kept = kept_units(space, masks, index)
-        shrink_layer(layer, kept, space.layout)
+        shrink_layer(layer, kept, space.family)
         widths.append(kept.widths)
     params = count_params(model)
     return CompressionRecord(
@@ -195,9 +196,9 @@ def load_compressed(model_dir: str | Path, dtype: str | None = None) -> PreTrain
         )
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    layout = LAYOUTS[record.model_type]
-    for layer, widths in zip(layout.layers(model), record.layers):
-        shrink_layer(layer, KeptUnits.first(widths), layout)
+    family = family_of(record.model_type)
+    for layer, widths in zip(family.layout.layers(model), record.layers):
+        shrink_layer(layer, KeptUnits.first(widths), family)
     _fill(model, model_dir)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)

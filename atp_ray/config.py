@@ -19,9 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
-from atp_ray.structures import check_supported
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from atp_ray.models import DEFAULT_LORA_TARGETS, family_of
 
 
 class _Section(BaseModel):
@@ -42,9 +40,9 @@ class LoraSettings(_Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_PROJECTIONS),
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         min_length=1,
-        description="projections that get LoRA (any of the seven in every decoder layer)",
+        description="projections that get LoRA in every decoder layer (default: every projection a unit owns)",
     )
 
 
@@ -564,7 +562,7 @@ def _file_problems(raw: dict[str, Any]) -> list[str]:
 
 def _architecture_problems(path: str, model_type: str | None) -> list[str]:
     try:
-        check_supported(model_type)
+        family_of(model_type)
     except UnsupportedArchitectureError as err:
         return [f"model.path: {err} (got {path!r})"]
     return []

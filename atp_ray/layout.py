@@ -10,8 +10,9 @@ projections and a block of consecutive *columns* (input features) of others:
 The unit groups of :mod:`atp_ray.structures` are built from these (a KV group is its KV
 head plus its query heads; a query slot is one query head in every group). Masking, the
 LoRA group lasso, importance scoring and surgery all address weights through
-:class:`DecoderLayout` so that none of them spells a projection name. The supported
-architectures (Llama, Mistral, Qwen2) share one layout.
+:class:`DecoderLayout` so that none of them spells a projection name. Each supported
+family names its layout in :mod:`atp_ray.models`. Whatever side of a projection a unit
+owns, the other side is the residual stream (``hidden_size`` wide).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def unit_sums(values: Tensor, axis: Axis, units: int) -> Tensor:
 class DecoderLayout:
     """Module names of a decoder family: where its layers are and which slices each role owns."""
 
-    layers_path: str
+    layers_path: str  # the decoder layers inside the causal LM, e.g. "model.layers"
+    attention_path: str  # the attention module inside a decoder layer, e.g. "self_attn"
     slices: Mapping[Role, tuple[Slice, ...]]
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -93,9 +95,9 @@ class DecoderLayout:
         return base.get_submodule(self.layers_path)
 
     @property
-    def projections(self) -> set[str]:
-        """Names of every projection some unit owns part of."""
-        return {piece.name for pieces in self.slices.values() for piece in pieces}
+    def projections(self) -> tuple[str, ...]:
+        """Names of every projection some unit owns part of, in slice order."""
+        return tuple(dict.fromkeys(piece.name for pieces in self.slices.values() for piece in pieces))
 
     def output(self, role: Role) -> Slice:
         """The projection whose input columns carry this role's output into the residual stream."""
@@ -110,35 +112,3 @@ class DecoderLayout:
             if tensor is not None:
                 parts.append(unit_sums(tensor, piece.axis, units))
         return torch.stack(parts).sum(0) if parts else None
-
-
-LLAMA_LAYOUT = DecoderLayout(
-    layers_path="model.layers",
-    slices={
-        Role.QUERY_HEAD: (Slice("self_attn.q_proj", Axis.ROWS), Slice("self_attn.o_proj", Axis.COLUMNS)),
-        Role.KV_HEAD: (Slice("self_attn.k_proj", Axis.ROWS), Slice("self_attn.v_proj", Axis.ROWS)),
-        Role.MLP_CHANNEL: (
-            Slice("mlp.gate_proj", Axis.ROWS),
-            Slice("mlp.up_proj", Axis.ROWS),
-            Slice("mlp.down_proj", Axis.COLUMNS),
-        ),
-    },
-)
-
-# One entry per supported model_type (see atp_ray.structures.SUPPORTED_MODEL_TYPES).
-LAYOUTS: dict[str, DecoderLayout] = {"llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT}
-
-
-def layout_of(model: nn.Module) -> DecoderLayout:
-    """The layout of a model (peft-wrapped or not), from its config's model_type.
-
-    Unknown types get Llama's names: finding layers must work on any Llama-like decoder;
-    whether it can be *pruned* is checked where its PruningSpace is built.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return LAYOUTS.get(model_type, LLAMA_LAYOUT)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM, a peft-wrapped one included."""
-    return layout_of(model).layers(model)

@@ -18,10 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from atp_ray.layout import Role, decoder_layers
+from atp_ray.layout import Role
 from atp_ray.structures import Masks, PruningSpace
-
-__all__ = ["decoder_layers", "masked"]  # decoder_layers lives in atp_ray.layout; kept importable here
 
 
 def _scale_input(mask: Tensor):

@@ -112,21 +112,13 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.space.num_kv_heads * self.space.head_dim
 
-    def projection_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each of the seven projections of a decoder layer."""
-        h, m = self.space.hidden_size, self.space.intermediate_size
-        return {
-            "q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h), "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h),
-        }  # fmt: skip
-
     @property
     def layer_params(self) -> int:
-        """Parameters of one decoder layer: seven projections, their biases, two norms."""
-        s, bias = self.space, self.space.bias
-        weights = sum(i * o for i, o in self.projection_shapes().values())
-        biases = (self.q_dim + 2 * self.kv_dim) * bias.qkv + s.hidden_size * bias.o
-        biases += (2 * s.intermediate_size + s.hidden_size) * bias.mlp
+        """Parameters of one decoder layer: its projections, their biases, two norms."""
+        s = self.space
+        shapes = s.projection_shapes()
+        weights = sum(i * o for i, o in shapes.values())
+        biases = sum(o for name, (_, o) in shapes.items() if name in s.biased)
         return weights + biases + 2 * s.hidden_size
 
     @property
@@ -141,7 +133,7 @@ class ModelShape:
 
     def lora_params(self, rank: int, targets: list[str]) -> int:
         """LoRA parameters on ``targets`` in every layer: A is rank x in, B is out x rank."""
-        shapes = self.projection_shapes()
+        shapes = self.space.projection_shapes()
         return self.space.num_layers * sum(rank * sum(shapes[t]) for t in targets)
 
     def generator_params(self, width: int) -> int:

@@ -11,8 +11,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from atp_ray.embedded import EMBEDDED_MODEL, embedded_model_path
 from atp_ray.errors import ModelNotFoundError, RunFolderError
+from atp_ray.models import family_of
 from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitGroup, check_supported
+from atp_ray.structures import PruningSpace, UnitGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +129,7 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(_checked_path(path), dtype=DTYPES[dtype])
     except (OSError, HFValidationError) as err:
         raise _unreachable(path, err) from None
-    check_supported(model.config.model_type)
+    family_of(model.config.model_type)  # raises UnsupportedArchitectureError for a family we cannot prune
     return model.eval()
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from atp_ray.errors import UnsupportedArchitectureError
-from atp_ray.layout import LAYOUTS, DecoderLayout
+from atp_ray.layout import Axis, DecoderLayout, Role
+from atp_ray.models import ModelFamily, family_of
 
 
 class UnitKind(str, enum.Enum):
@@ -52,34 +52,6 @@ Masks = Mapping[UnitGroup, Tensor]
 
 
 @dataclass(frozen=True)
-class BiasLayout:
-    """Which projections of an architecture carry a bias."""
-
-    qkv: bool
-    o: bool
-    mlp: bool
-
-
-# One entry per supported architecture (config.model_type); each reads the bias layout
-# from the config. All of them share Llama's module names and shapes.
-_BIAS_LAYOUTS = {
-    "llama": lambda c: BiasLayout(qkv=c.attention_bias, o=c.attention_bias, mlp=c.mlp_bias),
-    "mistral": lambda c: BiasLayout(qkv=False, o=False, mlp=False),
-    "qwen2": lambda c: BiasLayout(qkv=True, o=False, mlp=False),
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_BIAS_LAYOUTS))
-
-
-def check_supported(model_type: str | None) -> None:
-    """Raise UnsupportedArchitectureError unless ``model_type`` is one we can prune."""
-    if model_type not in _BIAS_LAYOUTS:
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported; "
-            f"supported model_type values: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
-@dataclass(frozen=True)
 class PruningSpace:
     """The prunable units of a decoder and the parameters each one owns."""
 
@@ -90,14 +62,13 @@ class PruningSpace:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
-    bias: BiasLayout
+    biased: frozenset[str]  # projections that carry a bias (the family's rule read from the config)
     groups: tuple[UnitGroup, ...]
 
     @classmethod
     def from_config(cls, config: Any) -> PruningSpace:
-        """Build the space of a transformers config (LlamaConfig, MistralConfig, Qwen2Config)."""
-        model_type = getattr(config, "model_type", None)
-        check_supported(model_type)
+        """Build the space of a transformers config of a supported family (atp_ray.models)."""
+        family = family_of(getattr(config, "model_type", None))
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -109,22 +80,26 @@ class PruningSpace:
                 groups.append(UnitGroup(layer, UnitKind.QUERY_SLOT, queries_per_group))
             groups.append(UnitGroup(layer, UnitKind.MLP_CHANNEL, config.intermediate_size))
         return cls(
-            model_type=model_type,
+            model_type=family.model_type,
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             head_dim=head_dim,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             intermediate_size=config.intermediate_size,
-            bias=_BIAS_LAYOUTS[model_type](config),
+            biased=family.biased(config),
             groups=tuple(groups),
         )
 
     # -- shape -----------------------------------------------------------------------
     @property
+    def family(self) -> ModelFamily:
+        return family_of(self.model_type)
+
+    @property
     def layout(self) -> DecoderLayout:
         """Where each unit's weights are in a decoder layer of this architecture."""
-        return LAYOUTS[self.model_type]
+        return self.family.layout
 
     @property
     def queries_per_group(self) -> int:
@@ -138,24 +113,50 @@ class PruningSpace:
         return None
 
     # -- parameter accounting ------------------------------------------------------------
+    def units(self, role: Role) -> int:
+        """Units of ``role`` in one layer: query heads, KV heads or MLP channels."""
+        return {Role.QUERY_HEAD: self.num_heads, Role.KV_HEAD: self.num_kv_heads, Role.MLP_CHANNEL: self.intermediate_size}[role]
+
+    def unit_width(self, role: Role) -> int:
+        """Rows or columns one unit of ``role`` owns in each of its slices."""
+        return 1 if role is Role.MLP_CHANNEL else self.head_dim
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of every projection of a decoder layer that some unit owns part of."""
+        shapes = {}
+        for role, pieces in self.layout.slices.items():
+            owned = self.units(role) * self.unit_width(role)
+            for piece in pieces:
+                shapes[piece.name] = (self.hidden_size, owned) if piece.axis is Axis.ROWS else (owned, self.hidden_size)
+        return shapes
+
+    def unit_params(self, role: Role) -> int:
+        """Parameters one unit of ``role`` owns: its rows (with their bias entries) and columns of every slice.
+
+        A column's bias entry is not the unit's: it is added whatever the unit's columns hold.
+        """
+        width = self.unit_width(role)
+        return sum(
+            width * (self.hidden_size + int(piece.axis is Axis.ROWS and piece.name in self.biased))
+            for piece in self.layout.slices[role]
+        )
+
     @property
     def kv_group_params(self) -> int:
-        """Parameters of one KV group's K and V heads (rows of k_proj/v_proj, biases)."""
-        return 2 * self.head_dim * (self.hidden_size + int(self.bias.qkv))
+        """Parameters of one KV group's K and V heads (its query heads are counted per slot)."""
+        return self.unit_params(Role.KV_HEAD)
 
     @property
     def query_head_params(self) -> int:
-        """Parameters of one query head: rows of q_proj (and bias) plus columns of o_proj."""
-        return self.head_dim * (self.hidden_size + int(self.bias.qkv)) + self.head_dim * self.hidden_size
+        return self.unit_params(Role.QUERY_HEAD)
 
     @property
     def mlp_channel_params(self) -> int:
-        """Parameters of one MLP channel: a gate row, an up row, a down column (+ biases)."""
-        return 3 * self.hidden_size + 2 * int(self.bias.mlp)
+        return self.unit_params(Role.MLP_CHANNEL)
 
     @property
     def prunable_params(self) -> int:
-        """Parameters that belong to some unit (o_proj/down_proj biases and the rest stay)."""
+        """Parameters that belong to some unit (column biases, norms, embeddings and the rest stay)."""
         per_layer = (
             self.num_kv_heads * self.kv_group_params
             + self.num_heads * self.query_head_params

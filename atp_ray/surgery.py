@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from atp_ray.layout import LLAMA_LAYOUT, Axis, DecoderLayout, Role
+from atp_ray.layout import Axis, DecoderLayout, Role
+from atp_ray.models import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -119,26 +120,26 @@ def _shrink(layer: nn.Module, layout: DecoderLayout, role: Role, indices: Tensor
         piece.replace(layer, _TAKE[piece.axis](piece.module(layer), indices))
 
 
-def shrink_attention(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
-    """Keep only ``kept``'s heads in ``layer.self_attn``; a layer without heads becomes headless."""
-    attn = layer.self_attn
+def shrink_attention(layer: nn.Module, kept: KeptUnits, family: ModelFamily) -> None:
+    """Keep only ``kept``'s heads in ``layer``'s attention; a layer without heads becomes headless."""
+    attn = family.attention(layer)
     q_rows = head_rows(kept.query_heads, attn.head_dim)
     if len(kept.query_heads) == 0:
-        output = layout.output(Role.QUERY_HEAD)
+        output = family.layout.output(Role.QUERY_HEAD)
         o_proj = take_columns(output.module(layer), q_rows)
-        layer.self_attn = HeadlessAttention(o_proj, attn.layer_idx, attn.head_dim)
+        family.set_attention(layer, HeadlessAttention(o_proj, attn.layer_idx, attn.head_dim))
         return
-    _shrink(layer, layout, Role.QUERY_HEAD, q_rows)
-    _shrink(layer, layout, Role.KV_HEAD, head_rows(kept.kv_heads, attn.head_dim))
-    attn.num_key_value_groups = kept.widths.queries_per_group
+    _shrink(layer, family.layout, Role.QUERY_HEAD, q_rows)
+    _shrink(layer, family.layout, Role.KV_HEAD, head_rows(kept.kv_heads, attn.head_dim))
+    family.set_queries_per_group(attn, kept.widths.queries_per_group)
 
 
-def shrink_mlp(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
-    """Keep only ``kept``'s channels in ``layer.mlp``; zero channels leave down_proj's bias (or zeros)."""
-    _shrink(layer, layout, Role.MLP_CHANNEL, kept.mlp_channels)
+def shrink_mlp(layer: nn.Module, kept: KeptUnits, family: ModelFamily) -> None:
+    """Keep only ``kept``'s MLP channels; zero channels leave the output projection's bias (or zeros)."""
+    _shrink(layer, family.layout, Role.MLP_CHANNEL, kept.mlp_channels)
 
 
-def shrink_layer(layer: nn.Module, kept: KeptUnits, layout: DecoderLayout = LLAMA_LAYOUT) -> None:
+def shrink_layer(layer: nn.Module, kept: KeptUnits, family: ModelFamily) -> None:
     """Shrink a decoder layer's attention and MLP to the units in ``kept``."""
-    shrink_attention(layer, kept, layout)
-    shrink_mlp(layer, kept, layout)
+    shrink_attention(layer, kept, family)
+    shrink_mlp(layer, kept, family)

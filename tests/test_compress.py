@@ -25,10 +25,10 @@ from atp_ray.compress import (
     read_record,
     save_compressed,
 )
-from atp_ray.config import ALL_PROJECTIONS
 from atp_ray.errors import CompressionError
 from atp_ray.masking import masked
 from atp_ray.modeling import load_model, load_run_model
+from atp_ray.models import DEFAULT_LORA_TARGETS
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace, UnitKind
 from atp_ray.surgery import HeadlessAttention
@@ -42,7 +42,7 @@ def build_run(root: Path, name: str, masks_for=lambda space: random_masks(space,
     run = RunFolder(root / "run")
     run.root.mkdir()
     run.config.write_text(yaml.safe_dump({"model": {"path": str(base), "dtype": "float32"}}))
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS))
     with torch.no_grad():
         for param_name, param in peft_model.named_parameters():
             if "lora_B" in param_name:

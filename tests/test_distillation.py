@@ -12,18 +12,19 @@ from test_atp import _stop_after_checkpoint, assert_same_run
 
 import atp_ray.atp
 from atp_ray.atp import run_atp
-from atp_ray.config import ALL_PROJECTIONS, DISTILL_TEACHERS, load_config
+from atp_ray.config import DISTILL_TEACHERS, load_config
 from atp_ray.data import IGNORE_INDEX
 from atp_ray.distillation import TEACHERS, distillation_loss, teacher_logits
 from atp_ray.errors import ConfigError
 from atp_ray.masking import masked
+from atp_ray.models import DEFAULT_LORA_TARGETS
 from atp_ray.run_folder import RunFolder
 from atp_ray.structures import PruningSpace
 
 
 def _lora_model(name: str = "llama-gqa"):
     """A tiny peft model in train mode, with LoRA dropout and non-zero B, so LoRA changes the output."""
-    lora = LoraConfig(r=4, lora_dropout=0.2, target_modules=ALL_PROJECTIONS)
+    lora = LoraConfig(r=4, lora_dropout=0.2, target_modules=DEFAULT_LORA_TARGETS)
     peft_model = get_peft_model(make_tiny_model(name), lora)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_MODELS, make_tiny_model
 
 from atp_ray import compress, targets
-from atp_ray.config import ALL_PROJECTIONS
-from atp_ray.layout import Axis, Role, count_params, decoder_layers, layout_of, unit_sums
+from atp_ray.layout import Axis, Role, count_params, unit_sums
+from atp_ray.models import DEFAULT_LORA_TARGETS, MODEL_FAMILIES, decoder_layers
 from atp_ray.structures import PruningSpace
 
 
@@ -27,12 +27,12 @@ def test_every_slice_splits_into_its_units(name):
             assert weight.shape[1 - (piece.axis is Axis.COLUMNS)] == space.hidden_size
 
 
-def test_layout_names_every_lora_target_once():
-    model = make_tiny_model("llama-gqa")
-    layout = layout_of(model)
+@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+def test_layout_names_every_lora_target_once(model_type):
+    layout = MODEL_FAMILIES[model_type].layout
     paths = [p.path for pieces in layout.slices.values() for p in pieces]
     assert len(paths) == len(set(paths))
-    assert layout.projections == set(ALL_PROJECTIONS)
+    assert set(layout.projections) <= set(DEFAULT_LORA_TARGETS)
 
 
 def test_unit_sums_follow_the_axis():

@@ -5,9 +5,8 @@ import torch
 from conftest import make_tiny_model, random_masks
 from peft import LoraConfig, get_peft_model
 
-from atp_ray.config import ALL_PROJECTIONS
 from atp_ray.losses import lora_group_lasso, ratio_loss
-from atp_ray.masking import decoder_layers
+from atp_ray.models import DEFAULT_LORA_TARGETS, decoder_layers
 from atp_ray.structures import PruningSpace, UnitKind
 
 
@@ -19,7 +18,7 @@ def test_ratio_loss_is_log_ratio_and_symmetric():
 
 def _lora_model(name):
     model = make_tiny_model(name)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=ALL_PROJECTIONS))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS))
     for module in peft_model.modules():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B["default"].weight)

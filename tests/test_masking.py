@@ -2,8 +2,8 @@ import torch
 from conftest import random_masks
 from peft import LoraConfig, get_peft_model
 
-from atp_ray.config import ALL_PROJECTIONS
-from atp_ray.masking import decoder_layers, masked
+from atp_ray.masking import masked
+from atp_ray.models import DEFAULT_LORA_TARGETS, decoder_layers
 from atp_ray.structures import PruningSpace
 
 
@@ -38,7 +38,7 @@ def test_masking_is_removed_on_exit(tiny_model):
 def test_masking_covers_the_lora_path(tiny_model):
     """A cut head's LoRA update of o_proj must not leak through: masking sits on the LoRA layer."""
     space = PruningSpace.from_config(tiny_model.config)
-    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=ALL_PROJECTIONS, lora_dropout=0.0))
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS, lora_dropout=0.0))
     for module in model.modules():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B["default"].weight)

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from atp_ray.atp import run_atp
 from atp_ray.cli import main
-from atp_ray.config import ALL_PROJECTIONS, load_config
+from atp_ray.config import load_config
 from atp_ray.errors import ConfigError
 from atp_ray.generator import PruningGenerator
 from atp_ray.masking import masked
@@ -38,6 +38,7 @@ from atp_ray.memory_plan import (
     saved_activation_bytes,
 )
 from atp_ray.modeling import enable_activation_checkpointing, eval_for_backward
+from atp_ray.models import DEFAULT_LORA_TARGETS
 from atp_ray.search.space import gpu_memory_plan, load_space
 from atp_ray.structures import PruningSpace
 
@@ -92,11 +93,11 @@ def measure_saved_bytes(model: torch.nn.Module, llm_pass: LLMPass) -> int:
 
 # (name, architecture, base dtype, a DeepSpeed-like cast of LoRA to bf16, LoRA targets, generator step)
 ACTIVATION_CASES = [
-    ("fp32 LoRA step", "llama", torch.float32, False, ALL_PROJECTIONS, False),
-    ("fp32 generator step", "llama", torch.float32, False, ALL_PROJECTIONS, True),
-    ("bf16 base, fp32 LoRA (ddp)", "llama", torch.bfloat16, False, ALL_PROJECTIONS, False),
-    ("bf16 base, fp32 LoRA, generator step", "llama", torch.bfloat16, False, ALL_PROJECTIONS, True),
-    ("bf16 everywhere (ZeRO engine)", "llama", torch.bfloat16, True, ALL_PROJECTIONS, False),
+    ("fp32 LoRA step", "llama", torch.float32, False, DEFAULT_LORA_TARGETS, False),
+    ("fp32 generator step", "llama", torch.float32, False, DEFAULT_LORA_TARGETS, True),
+    ("bf16 base, fp32 LoRA (ddp)", "llama", torch.bfloat16, False, DEFAULT_LORA_TARGETS, False),
+    ("bf16 base, fp32 LoRA, generator step", "llama", torch.bfloat16, False, DEFAULT_LORA_TARGETS, True),
+    ("bf16 everywhere (ZeRO engine)", "llama", torch.bfloat16, True, DEFAULT_LORA_TARGETS, False),
     ("qwen2, some targets", "qwen2", torch.float32, False, TARGETS_SOME, False),
     ("qwen2, some targets, generator step", "qwen2", torch.float32, False, TARGETS_SOME, True),
 ]
@@ -123,7 +124,7 @@ def test_activation_term_matches_the_bytes_saved_for_backward(case, checkpointin
 def test_checkpointing_really_keeps_less():
     """On the small model, checkpointing keeps under a quarter of the activations (layer inputs and the loss)."""
     plain, checkpointed = (
-        measure_saved_bytes(_checkpointed(with_lora(small_model("llama"), ALL_PROJECTIONS), on),
+        measure_saved_bytes(_checkpointed(with_lora(small_model("llama"), DEFAULT_LORA_TARGETS), on),
                             LLMPass(BATCH, SEQ, True, False, on))
         for on in (False, True)
     )  # fmt: skip
@@ -143,7 +144,7 @@ def test_weight_lora_and_optimizer_terms_match_the_real_tensors(name, tiny_model
     shape = ModelShape.from_config(base.config)
     assert shape.embedding_params == base.get_input_embeddings().weight.numel()
     assert shape.layer_params == sum(p.numel() for p in base.model.layers[0].parameters())
-    targets = TARGETS_SOME if "qwen" in name else ALL_PROJECTIONS
+    targets = TARGETS_SOME if "qwen" in name else DEFAULT_LORA_TARGETS
     raw = tiny_run_config(tiny_model_dir, lora={"rank": RANK, "target_modules": targets}, atp={"generator_width": 16})
     plan = plan_memory(load_config(raw), shape)
     assert plan.component("base weights") == sum(p.nbytes for p in base.parameters())
@@ -173,7 +174,7 @@ def test_weight_lora_and_optimizer_terms_match_the_real_tensors(name, tiny_model
 
 
 def _loss_and_grads(checkpointing: bool, generator_step: bool, backward_inside: bool = True):
-    model = with_lora(small_model("llama"), ALL_PROJECTIONS)
+    model = with_lora(small_model("llama"), DEFAULT_LORA_TARGETS)
     if checkpointing:
         enable_activation_checkpointing(model)
     space = PruningSpace.from_config(model.config)

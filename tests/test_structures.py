@@ -4,7 +4,7 @@ from conftest import TINY_MODELS, make_tiny_model, random_masks
 from transformers import GPT2Config
 
 from atp_ray.errors import UnsupportedArchitectureError
-from atp_ray.masking import decoder_layers
+from atp_ray.models import decoder_layers
 from atp_ray.structures import PruningSpace, UnitKind
 
 
