@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per worker (sets distributed.use_gpu and gpus_per_worker)"
     )
-    train.add_argument("--strategy", choices=["ddp", "zero2", "zero3"], help="distributed.strategy")
+    # No choices here: the run config checks the name against the registry (atp_ray.strategies),
+    # which imports torch, and `atp-ray --help` should not wait for it.
+    train.add_argument("--strategy", help="distributed.strategy (an unknown name is refused, with the known ones)")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
     train.set_defaults(handler=_cmd_train)
 

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
+from atp_ray.importance import IMPORTANCE
 from atp_ray.models import DEFAULT_LORA_TARGETS, family_of
+from atp_ray.strategies import STRATEGIES
 
 
 class _Section(BaseModel):
@@ -319,8 +321,7 @@ class ATPSettings(_Section):
         return self
 
 
-# Importance criteria of the two-step baseline (atp_ray.importance.IMPORTANCE; a test keeps them equal).
-IMPORTANCE_CRITERIA = ("magnitude", "taylor")
+IMPORTANCE_CRITERIA = tuple(IMPORTANCE)  # the two-step baseline's criteria (atp_ray.importance)
 METHODS = ("atp", "two-step", "lora")
 
 
@@ -328,7 +329,7 @@ class BaselineSettings(_Section):
     """How method=two-step picks its mask (ignored by atp and lora)."""
 
     importance: Literal[IMPORTANCE_CRITERIA] = Field(
-        "magnitude", description="unit score: magnitude (weight L2 norm) or taylor (sum of |w * dL/dw|)"
+        "magnitude", description="unit score: " + ", ".join(f"{n} ({c.summary})" for n, c in IMPORTANCE.items())
     )
     calibration_batches: int = Field(
         8, gt=0, description="calibration batches whose mean loss gives taylor's gradients"
@@ -393,7 +394,7 @@ class TrainConfig(_Section):
     )
 
 
-STRATEGY_NAMES = ("ddp", "zero2", "zero3")
+STRATEGY_NAMES = tuple(STRATEGIES)  # atp_ray.strategies
 
 
 class DistributedConfig(_Section):
@@ -401,7 +402,7 @@ class DistributedConfig(_Section):
 
     workers: int | None = Field(None, gt=0, description="Ray Train workers (None = one process, no Ray)")
     strategy: Literal[STRATEGY_NAMES] = Field(
-        "ddp", description="ddp (whole model per worker), zero2 (DeepSpeed ZeRO-2) or zero3 (base weights sharded too)"
+        "ddp", description=", ".join(f"{n} ({c.summary})" for n, c in STRATEGIES.items())
     )
     use_gpu: bool = Field(False, description="one or more GPUs per worker (NCCL), else CPU workers (gloo)")
     cpus_per_worker: float | None = Field(

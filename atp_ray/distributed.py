@@ -3,8 +3,8 @@
 Each worker runs the unchanged recipe (``atp_ray.atp.run_atp``) inside the process group
 Ray Train set up (gloo on CPU workers, NCCL on GPUs), with
 
-* the strategy the config names (``ddp | zero2 | zero3``; DeepSpeed is imported inside
-  the worker only, through ``atp_ray.strategy``);
+* the strategy the config names (``distributed.strategy``, one of ``atp_ray.strategies``;
+  DeepSpeed is imported inside the worker only);
 * :class:`RayCheckpoints`: resumable state goes through ``ray.train.report(checkpoint=...)``
   into the run's storage (a folder, NFS, ``s3://`` or ``gs://``), the last K kept, and a
   restarted worker group reads it back from ``ray.train.get_checkpoint()``: never from a
@@ -41,12 +41,11 @@ from atp_ray.config import RunConfig
 from atp_ray.errors import ATPRayError
 from atp_ray.process import ProcessContext, Restored, ShardWriter
 from atp_ray.run_folder import RunFolder, atomic_write_bytes
+from atp_ray.strategies import STRATEGIES
 from atp_ray.structures import Masks
 
 log = logging.getLogger(__name__)
 
-# Files of a finished run folder that the final Ray checkpoint carries back to the driver.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "mask.json", "adapter", "generator.safetensors", "summary.json")
 # Every restore from a Ray checkpoint appends a line here (rank 0): the step it resumed at.
 RESUMES_FILE = "resumes.jsonl"
 # Per-rank mask digests, one line per step, when DebugHooks.trace_masks is set.
@@ -188,10 +187,12 @@ def preflight(config: RunConfig, run_dir: Path) -> None:
     """Checks that need no cluster: the strategy's library, the model, the run folder."""
     from atp_ray.modeling import check_model_reachable
 
-    if config.distributed.strategy in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+    name = config.distributed.strategy
+    needs = STRATEGIES[name].requires
+    if needs is not None and importlib.util.find_spec(needs) is None:
         raise DistributedRunError(
-            f"distributed.strategy: {config.distributed.strategy!r} needs DeepSpeed, which is not importable here "
-            "(pip install deepspeed, or use strategy ddp)"
+            f"distributed.strategy: {name!r} needs {needs}, which is not importable here "
+            f"(pip install {needs}, or use strategy ddp)"
         )
     check_model_reachable(config.model.path)
     RunFolder(run_dir).check_can_run(config.to_dict())
@@ -286,7 +287,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="atp-final-") as tmp:
         checkpoint = None
         if context.is_main:
-            for name in RUN_OUTPUTS:
+            for name in RunFolder.OUTPUTS:
                 source = run_dir / name
                 if source.is_dir():
                     shutil.copytree(source, Path(tmp) / name)
@@ -320,7 +321,7 @@ class RayCheckpoints:
             if state is not None:
                 torch.save(state, directory / "state.pt")
                 if self.folder.metrics.is_file():
-                    shutil.copy2(self.folder.metrics, directory / "metrics.jsonl")
+                    shutil.copy2(self.folder.metrics, directory / RunFolder.METRICS)
                     metrics |= _last_row(self.folder.metrics)
             wrote = any(directory.iterdir())
             checkpoint = ray.train.Checkpoint.from_directory(tmp) if wrote else None
@@ -339,8 +340,8 @@ class RayCheckpoints:
             state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
             if self.context.is_main:
                 self.folder.root.mkdir(parents=True, exist_ok=True)
-                if (directory / "metrics.jsonl").is_file():
-                    atomic_write_bytes(self.folder.metrics, (directory / "metrics.jsonl").read_bytes())
+                if (directory / RunFolder.METRICS).is_file():
+                    atomic_write_bytes(self.folder.metrics, (directory / RunFolder.METRICS).read_bytes())
                 with open(self.folder.root / RESUMES_FILE, "a") as f:
                     f.write(json.dumps({"step": state["step"], "checkpoint": checkpoint.path}) + "\n")
             shards = directory / "shards"
@@ -379,14 +380,14 @@ def _fetch_outputs(checkpoint: Any, run_dir: Path) -> None:
     if checkpoint is None:
         raise DistributedRunError(f"the run ended without its final outputs in {run_dir} or in storage")
     with checkpoint.as_directory() as tmp:
-        for name in RUN_OUTPUTS:
+        for name in RunFolder.OUTPUTS:
             source, target = Path(tmp) / name, run_dir / name
             if source.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(source, target)
-            elif source.is_file() and name != "summary.json":
+            elif source.is_file() and name != RunFolder.SUMMARY:
                 shutil.copy2(source, target)
-        shutil.copy2(Path(tmp) / "summary.json", run_dir / "summary.json")  # last: marks the run finished
+        shutil.copy2(Path(tmp) / RunFolder.SUMMARY, run_dir / RunFolder.SUMMARY)  # last: marks the run finished
 
 
 def _last_row(path: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Importance criteria of the two-step baseline: score units once, keep the best, then tune.
 
-A criterion is a small object with one method, chosen by name from :data:`IMPORTANCE`
-(the run config's ``baseline.importance``). Both criteria score exactly the units the
+A criterion is a small object with one method, chosen by name from :data:`IMPORTANCE`,
+the registry that the run config's ``baseline.importance`` and the docs take their names from. Both criteria score exactly the units the
 rest of the package prunes (atp_ray.layout says which weights each unit owns), and
 :func:`importance_masks` cuts them with the uniform per-layer solver of
 atp_ray.magnitude, so a baseline keeps the same number of parameters as an ATP run at
@@ -10,7 +10,7 @@ generator from them too (:func:`importance_prior`, ``atp.importance_prior``).
 
 Both criteria read the weights one decoder layer at a time, through a ``gather`` context
 that makes a list of parameters whole while it is open: a no-op where every process holds
-the whole model, DeepSpeed's gather under ZeRO-3 (atp_ray.strategy), where each process
+the whole model, DeepSpeed's gather under ZeRO-3 (atp_ray.strategies), where each process
 holds a shard. So scoring an 8B model sharded over four GPUs never holds more than one
 layer of it whole.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,8 @@ def already_whole(params: list[nn.Parameter]) -> contextlib.AbstractContextManag
 class Importance(Protocol):
     """Scores every unit of a decoder; higher means more worth keeping."""
 
+    summary: ClassVar[str]  # one line for the config's field description and the docs
+
     def score(
         self, model: nn.Module, space: PruningSpace, batches: Sequence[Batch], gather: Gather = already_whole
     ) -> list[dict[UnitKind, Tensor]]:
@@ -51,6 +53,8 @@ class Importance(Protocol):
 
 class MagnitudeImportance:
     """L2 norm of the weights a unit owns (LLM-Pruner's magnitude criterion); ignores the data."""
+
+    summary = "weight L2 norm"
 
     def score(
         self, model: nn.Module, space: PruningSpace, batches: Sequence[Batch], gather: Gather = already_whole
@@ -74,6 +78,8 @@ class TaylorImportance:
     below. The chain rule is the same as one backward through the whole model, so the
     scores are too. The model's requires_grad flags and training mode are restored.
     """
+
+    summary = "sum of |w * dL/dw|"
 
     def score(
         self, model: nn.Module, space: PruningSpace, batches: Sequence[Batch], gather: Gather = already_whole

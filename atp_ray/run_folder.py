@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -40,37 +40,47 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @dataclass(frozen=True)
 class RunFolder:
-    """Paths of one run's files."""
+    """Paths of one run's files; their names are written here and nowhere else."""
 
     root: Path
 
+    CONFIG: ClassVar[str] = "config.yaml"
+    METRICS: ClassVar[str] = "metrics.jsonl"
+    CHECKPOINT: ClassVar[str] = "checkpoint.pt"
+    MASK: ClassVar[str] = "mask.json"
+    ADAPTER: ClassVar[str] = "adapter"
+    GENERATOR: ClassVar[str] = "generator.safetensors"
+    SUMMARY: ClassVar[str] = "summary.json"
+    # What a finished run hands on, the summary last (a distributed run's rank 0 writes them).
+    OUTPUTS: ClassVar[tuple[str, ...]] = (CONFIG, METRICS, MASK, ADAPTER, GENERATOR, SUMMARY)
+
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / self.CONFIG
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / self.METRICS
 
     @property
     def checkpoint(self) -> Path:
-        return self.root / "checkpoint.pt"
+        return self.root / self.CHECKPOINT
 
     @property
     def mask(self) -> Path:
-        return self.root / "mask.json"
+        return self.root / self.MASK
 
     @property
     def adapter(self) -> Path:
-        return self.root / "adapter"
+        return self.root / self.ADAPTER
 
     @property
     def generator(self) -> Path:
-        return self.root / "generator.safetensors"
+        return self.root / self.GENERATOR
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / self.SUMMARY
 
     def is_finished(self) -> bool:
         return self.summary.is_file()

@@ -120,3 +120,42 @@ def test_config_keys_exist(doc):
         }
     )
     assert not problems, f"{doc.name} names keys the configs do not have: {problems}"
+
+
+def _paragraph(doc: str, marker: str) -> str:
+    """The paragraph (or table row) of a document that contains ``marker``."""
+    text = (ROOT / doc).read_text()
+    found = [p for p in re.split(r"\n\s*\n|\n(?=\|)", text) if marker in p]
+    assert found, f"{doc}: nothing mentions {marker}"
+    return found[0]
+
+
+def _quoted(text: str) -> set[str]:
+    return set(re.findall(r"`([\w-]+)`", text))
+
+
+def test_the_objectives_table_is_the_registry():
+    from atp_ray.search.objectives import OBJECTIVES
+
+    section = (ROOT / "docs" / "search.md").read_text().split("## Objectives")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(\w+)` \| (min|max) \|", section, re.M)
+    assert dict(rows) == {name: kind.mode for name, kind in OBJECTIVES.items()}
+
+
+@pytest.mark.parametrize(
+    "doc, marker, registry",
+    [
+        ("docs/search.md", "| `sampler` |", "atp_ray.search.samplers:SAMPLERS"),
+        ("docs/distributed.md", "| `strategy` |", "atp_ray.strategies:STRATEGIES"),
+        ("docs/method.md", "`baseline.importance`:", "atp_ray.importance:IMPORTANCE"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and ":" in v else "",
+)
+def test_docs_name_every_registered_choice(doc, marker, registry):
+    """A choice added to a registry is documented where users choose it."""
+    import importlib
+
+    module, name = registry.split(":")
+    names = set(getattr(importlib.import_module(module), name))
+    missing = names - _quoted(_paragraph(doc, marker))
+    assert not missing, f"{doc} does not name {sorted(missing)}"

@@ -300,7 +300,7 @@ def test_preflight_refuses_before_any_worker_starts(tiny_model_dir, tmp_path, mo
     import atp_ray.distributed as distributed
 
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DistributedRunError, match="'zero3' needs DeepSpeed"):
+    with pytest.raises(DistributedRunError, match="'zero3' needs deepspeed"):
         preflight(config, tmp_path / "run")
 
 

@@ -5,6 +5,7 @@ Each search here is a real ``tune.Tuner`` over the tiny model: 2 trials of 2 ste
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -84,8 +85,9 @@ def test_every_sampler_runs_a_real_search(name, ray_local, tiny_model_dir, tmp_p
 def test_a_sampler_that_does_not_pickle_still_searches_and_resumes(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     """The failure of optuna 5.1 made on purpose: whatever the installed optuna, a sampler holding
     a lock must never be pickled (Tuner start, experiment checkpoints, resume)."""
-    inner = samplers.SAMPLER_BUILDERS["nsga2"]
-    monkeypatch.setitem(samplers.SAMPLER_BUILDERS, "nsga2", lambda seed, pop: LockedSampler(inner(seed, pop)))
+    inner = samplers.SAMPLERS["nsga2"]
+    locked = dataclasses.replace(inner, build=lambda seed, pop: LockedSampler(inner.build(seed, pop)))
+    monkeypatch.setitem(samplers.SAMPLERS, "nsga2", locked)
     with pytest.raises(TypeError, match="pickle"):  # the stand-in really is unpicklable
         pickle.dumps(SamplerFactory("nsga2", 0, 2)())
     out = tmp_path / "exp"

@@ -3,20 +3,9 @@
 Plain torch (no Ray), shared by :func:`atp_ray.search.trial.run_trial` and the search layer.
 Every objective has a *final* value, measured on the trial's compressed model, and an
 *intermediate* value reported while the trial trains (Tune checks that every report
-carries every objective):
-
-=========== ==== ============================================================ =====================================
-name        mode final value                                                  intermediate value
-=========== ==== ============================================================ =====================================
-quality     min  held-out perplexity on the run's own eval split (the first   the same measure under the mask the
-                 ``FINAL_EVAL_BLOCKS`` blocks): summary.json's                 run would freeze now, every
-                 ``eval_perplexity``, ``atp-ray eval --tasks domain-ppl``      ``train.eval_every`` steps
-params      min  exact parameter count of the compressed model                parameters the current mask keeps
-latency     min  prefill of a 256-token prompt at batch 1, ms (median of 3)   dense latency x kept-parameter share
-throughput  max  greedy decode tokens/s at batch 1 (median of 3)              dense throughput / kept share
-flops       min  matmul FLOPs of one 128-token prefill (deterministic)        dense FLOPs x kept-parameter share
-accuracy    max  a task's accuracy (``task:`` a built-in or a task YAML)      0 (known only at the end)
-=========== ==== ============================================================ =====================================
+carries every objective). Each entry of the registry, :data:`OBJECTIVES` at the end of this
+module, says how to get both, so adding an objective is one entry there and its test; the
+table in docs/search.md lists them (tests/test_docs.py keeps it equal to the registry).
 
 Speed measurements are noisy on shared machines; ``flops`` ranks by compute and never
 changes between runs. The intermediate speed figures are estimates from the dense model's
@@ -29,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -42,27 +31,40 @@ ACCURACY_SAMPLES = 100
 
 
 @dataclass(frozen=True)
+class Progress:
+    """What a trial knows mid-run: its latest held-out perplexity, the parameters its current mask
+    keeps, and the dense model's speed figures and ``parameters`` (empty without speed objectives)."""
+
+    params: float
+    eval_perplexity: float
+    reference: dict[str, float]
+
+    @property
+    def kept_share(self) -> float:
+        return self.params / self.reference["parameters"] if self.reference else math.nan
+
+    def scaled(self, name: str) -> float:
+        """A dense figure that shrinks with the model (latency, FLOPs), scaled by the kept share."""
+        return self.reference.get(name, math.nan) * self.kept_share
+
+
+@dataclass(frozen=True)
 class ObjectiveKind:
-    """One entry of the registry: its default direction and what it measures."""
+    """One entry of the registry: its default direction, what it measures and how.
+
+    ``final`` measures it on the compressed model (from the model's :class:`FinalMeasure` and
+    the objective as the space asks for it); ``intermediate`` estimates it from a trial's
+    :class:`Progress`.
+    """
 
     name: str
     mode: Mode
     description: str
+    final: Callable[[FinalMeasure, Objective], float]
+    intermediate: Callable[[Progress], float]
     speed: bool = False  # intermediate value scaled from a dense-model reference
     final_only: bool = False  # no meaningful intermediate value
-
-
-OBJECTIVES: dict[str, ObjectiveKind] = {
-    k.name: k
-    for k in (
-        ObjectiveKind("quality", "min", "held-out perplexity of the compressed model on the run's own eval split"),
-        ObjectiveKind("params", "min", "exact parameter count of the compressed model"),
-        ObjectiveKind("latency", "min", "prefill latency of a 256-token prompt at batch 1 (ms)", speed=True),
-        ObjectiveKind("throughput", "max", "greedy decode speed at batch 1 (tokens/s)", speed=True),
-        ObjectiveKind("flops", "min", f"matmul FLOPs of one {FLOPS_TOKENS}-token prefill", speed=True),
-        ObjectiveKind("accuracy", "max", "accuracy on an evaluation task (give task:)", final_only=True),
-    )
-}
+    needs_task: bool = False  # the space names the task it is scored on (``task:``)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,42 @@ class Objective:
 # -- final values -------------------------------------------------------------------------------
 
 
+class FinalMeasure:
+    """Measures one compressed model folder, loaded in ``dtype`` on ``device``; each speed
+    measurement runs once (one latency run gives both latency and throughput)."""
+
+    def __init__(self, compressed: Path, eval_blocks: int, batch_size: int, device: str, dtype: str):
+        self.compressed = compressed
+        self.eval_blocks = eval_blocks
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self._speed: dict[str, float] = {}
+
+    def task(self, task: str, metric: str, samples: int) -> float:
+        """One metric of one task, scored by ``atp-ray eval``'s own recipe."""
+        from atp_ray.eval_recipe import run_eval
+
+        report = run_eval(
+            str(self.compressed), [task], max_samples=samples, batch_size=self.batch_size, dtype=self.dtype,
+            device=self.device,
+        )
+        (result,) = report["tasks"].values()
+        return float(result["values"][metric])
+
+    def params(self) -> float:
+        """The compressed model's exact parameter count, from its record."""
+        from atp_ray.compress import read_record
+
+        return float(read_record(self.compressed).params)
+
+    def speed(self, name: str) -> float:
+        """One speed figure (latency, throughput, flops)."""
+        if name not in self._speed:
+            self._speed |= _speed(self.compressed, {name}, self.device, self.dtype)
+        return self._speed[name]
+
+
 def final_objectives(
     compressed: Path,
     objectives: list[Objective],
@@ -91,30 +129,8 @@ def final_objectives(
     dtype: str = "float32",
 ) -> dict[str, float]:
     """Measure every objective on a compressed model folder, loaded in ``dtype`` on ``device``."""
-    from atp_ray.compress import read_record
-
-    names = {o.name for o in objectives}
-    values: dict[str, float] = {}
-    if "quality" in names:
-        values["quality"] = _task_value(compressed, "domain-ppl", "perplexity", eval_blocks, batch_size, device, dtype)
-    if "params" in names:
-        values["params"] = float(read_record(compressed).params)
-    values |= {k: v for k, v in _speed(compressed, names, device, dtype).items() if k in names}
-    for o in objectives:
-        if o.name == "accuracy":
-            values["accuracy"] = _task_value(compressed, o.task, "accuracy", o.max_samples, batch_size, device, dtype)
-    return values
-
-
-def _task_value(
-    model: Path | str, task: str, metric: str, samples: int, batch_size: int, device: str, dtype: str
-) -> float:
-    """One metric of one task, scored by ``atp-ray eval``'s own recipe."""
-    from atp_ray.eval_recipe import run_eval
-
-    report = run_eval(str(model), [task], max_samples=samples, batch_size=batch_size, dtype=dtype, device=device)
-    (result,) = report["tasks"].values()
-    return float(result["values"][metric])
+    measure = FinalMeasure(compressed, eval_blocks, batch_size, device, dtype)
+    return {o.name: o.kind.final(measure, o) for o in objectives}
 
 
 def _speed(model: Path | str, names: set[str], device: str, dtype: str = "float32") -> dict[str, float]:
@@ -164,13 +180,49 @@ def intermediate_objectives(
     ``params`` is what the current mask keeps; speed estimates scale the dense ``reference``
     by the kept share of parameters.
     """
-    share = params / reference["parameters"] if reference else math.nan
-    estimates = {
-        "quality": eval_perplexity,
-        "params": params,
-        "latency": reference.get("latency", math.nan) * share,
-        "throughput": reference.get("throughput", math.nan) / share,
-        "flops": reference.get("flops", math.nan) * share,
-        "accuracy": 0.0,
-    }
-    return {o.name: float(estimates[o.name]) for o in objectives}
+    progress = Progress(params, eval_perplexity, reference)
+    return {o.name: float(o.kind.intermediate(progress)) for o in objectives}
+
+
+# -- the registry: adding an objective is one entry here (and its test) ------------------------
+
+OBJECTIVES: dict[str, ObjectiveKind] = {
+    k.name: k
+    for k in (
+        ObjectiveKind(
+            "quality", "min", "held-out perplexity of the compressed model on the run's own eval split",
+            final=lambda m, o: m.task("domain-ppl", "perplexity", m.eval_blocks),
+            intermediate=lambda p: p.eval_perplexity,
+        ),
+        ObjectiveKind(
+            "params", "min", "exact parameter count of the compressed model",
+            final=lambda m, o: m.params(),
+            intermediate=lambda p: p.params,
+        ),
+        ObjectiveKind(
+            "latency", "min", "prefill latency of a 256-token prompt at batch 1 (ms)",
+            final=lambda m, o: m.speed("latency"),
+            intermediate=lambda p: p.scaled("latency"),
+            speed=True,
+        ),
+        ObjectiveKind(
+            "throughput", "max", "greedy decode speed at batch 1 (tokens/s)",
+            final=lambda m, o: m.speed("throughput"),
+            intermediate=lambda p: p.reference.get("throughput", math.nan) / p.kept_share,
+            speed=True,
+        ),
+        ObjectiveKind(
+            "flops", "min", f"matmul FLOPs of one {FLOPS_TOKENS}-token prefill",
+            final=lambda m, o: m.speed("flops"),
+            intermediate=lambda p: p.scaled("flops"),
+            speed=True,
+        ),
+        ObjectiveKind(
+            "accuracy", "max", "accuracy on an evaluation task (give task:)",
+            final=lambda m, o: m.task(o.task, "accuracy", o.max_samples),
+            intermediate=lambda p: 0.0,  # known only at the end
+            final_only=True,
+            needs_task=True,
+        ),
+    )
+}

@@ -11,13 +11,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# name -> builder(seed, population_size); the one list of valid sampler names.
-SAMPLER_BUILDERS: dict[str, Callable[[int, int], Any]] = {}
+Builder = Callable[[int, int], Any]  # (seed, population_size) -> a fresh Optuna sampler
 
 
-def _sampler(name: str) -> Callable[[Callable[[int, int], Any]], Callable[[int, int], Any]]:
-    def register(build: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
-        SAMPLER_BUILDERS[name] = build
+@dataclass(frozen=True)
+class SamplerKind:
+    """One entry of the registry: how to build the sampler, and a package it needs beyond Optuna."""
+
+    name: str
+    build: Builder
+    requires: str | None = None  # checked when a space is loaded, before Ray starts
+
+
+# name -> kind: the one list of valid sampler names (the space's ``sampler.name`` reads it).
+SAMPLERS: dict[str, SamplerKind] = {}
+
+
+def _sampler(name: str, requires: str | None = None) -> Callable[[Builder], Builder]:
+    def register(build: Builder) -> Builder:
+        SAMPLERS[name] = SamplerKind(name, build, requires)
         return build
 
     return register
@@ -38,7 +50,7 @@ def _tpe(seed: int, population: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
 
 
-@_sampler("gp")
+@_sampler("gp", requires="scipy")
 def _gp(seed: int, population: int) -> Any:
     import optuna
 
@@ -50,9 +62,6 @@ def _random(seed: int, population: int) -> Any:
     import optuna
 
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-SAMPLERS = tuple(SAMPLER_BUILDERS)
 
 
 def default_population(trials: int) -> int:
@@ -69,10 +78,10 @@ class SamplerFactory:
     population_size: int
 
     def __post_init__(self) -> None:
-        if self.name not in SAMPLER_BUILDERS:
+        if self.name not in SAMPLERS:
             raise ValueError(f"sampler: unknown name {self.name!r}; known: {', '.join(SAMPLERS)}")
 
     def __call__(self, offset: int = 0) -> Any:
         """A fresh sampler; ``offset`` shifts its seed (a restored searcher passes the trials
         the study holds, so it does not draw the proposals of a fresh one all over again)."""
-        return SAMPLER_BUILDERS[self.name](self.seed + offset, self.population_size)
+        return SAMPLERS[self.name].build(self.seed + offset, self.population_size)

@@ -12,7 +12,7 @@ every problem (the CLI exits 2). A space reads::
       train.warmup_steps: {int: [0, 10]}
       train.seed: 0                     # a fixed value
     objectives: [{name: quality}, {name: params, mode: min}]
-    sampler: {name: nsga2, seed: 0}     # nsga2 | tpe | gp | random
+    sampler: {name: nsga2, seed: 0}     # a name of atp_ray.search.samplers.SAMPLERS
     trials: 6
     concurrency: null                   # null = from the cluster's GPUs (or CPUs) per trial
     resources: {workers: 1, cpus_per_worker: 2, gpus_per_worker: 0}
@@ -126,7 +126,7 @@ class ObjectiveSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal[SAMPLERS] = "nsga2"
+    name: Literal[tuple(SAMPLERS)] = "nsga2"
     seed: int = 0
     population_size: int | None = Field(None, ge=2, description="nsga2: None = a quarter of the trials (2 to 50)")
 
@@ -289,18 +289,20 @@ def _space_problems(space: SearchSpace) -> list[str]:
     for o in space.objectives:
         if o.name not in OBJECTIVES:
             problems.append(f"objectives: unknown objective {o.name!r}; known: {', '.join(OBJECTIVES)}")
-        elif o.name == "accuracy" and not o.task:
-            problems.append("objectives: accuracy needs task: (a built-in task name or a task YAML)")
+        elif OBJECTIVES[o.name].needs_task and not o.task:
+            problems.append(f"objectives: {o.name} needs task: (a built-in task name or a task YAML)")
         elif o.task is not None:
             problems += [f"objectives: {o.name}: {p}" for p in _task_problems(o.task)]
     if len(set(names)) != len(names):
         problems.append(f"objectives: each objective at most once (got {names})")
-    if space.early_stopping.enabled and any(OBJECTIVES.get(n) and OBJECTIVES[n].final_only for n in names):
-        problems.append("early_stopping: accuracy is only known at the end of a trial; turn early stopping off")
+    final_only = [n for n in names if n in OBJECTIVES and OBJECTIVES[n].final_only]
+    for name in final_only if space.early_stopping.enabled else []:
+        problems.append(f"early_stopping: {name} is only known at the end of a trial; turn early stopping off")
     if not space.searched:
         problems.append("knobs: at least one knob needs a distribution (uniform, loguniform, int or choice)")
-    if space.sampler.name == "gp" and importlib.util.find_spec("scipy") is None:
-        problems.append("sampler: gp needs scipy (pip install scipy)")
+    needs = SAMPLERS[space.sampler.name].requires
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        problems.append(f"sampler: {space.sampler.name} needs {needs} (pip install {needs})")
     if space.mlflow is not None and importlib.util.find_spec("mlflow") is None:
         problems.append("mlflow: the mlflow package is not installed (pip install mlflow)")
     for i, point in enumerate(space.points_to_evaluate):

@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from atp_ray.cluster.config import DRIVER_RESOURCE
 from atp_ray.config import load_config
 from atp_ray.errors import ExperimentError
-from atp_ray.run_folder import atomic_write_json
+from atp_ray.run_folder import RunFolder, atomic_write_json
 from atp_ray.search.experiment import TUNE_NAME, Experiment
 from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.space import SearchSpace
@@ -304,7 +304,7 @@ def _restore_checkpoint(folder: TrialFolder) -> None:
         return
     with checkpoint.as_directory() as saved:
         run.root.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.pt", "metrics.jsonl"):
+        for name in (RunFolder.CHECKPOINT, RunFolder.METRICS):
             if (Path(saved) / name).is_file():
                 shutil.copy2(Path(saved) / name, run.root / name)
     log.info("trial %s: restored its run checkpoint from Tune", folder.root.name)
