@@ -15,6 +15,7 @@ from pathlib import Path
 
 from atp_ray.cli_cluster import add_cluster_parser
 from atp_ray.errors import ATPRayError, ClusterError
+from atp_ray.packaged import resolve
 
 log = logging.getLogger("atp_ray")
 
@@ -34,7 +35,7 @@ def _distributed_overrides(args: argparse.Namespace) -> list[str]:
 def _cmd_train(args: argparse.Namespace) -> None:
     from atp_ray.config import load_config
 
-    config = load_config(args.config, args.overrides + _distributed_overrides(args))
+    config = load_config(resolve(args.config, "configs"), args.overrides + _distributed_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if config.distributed.use_gpu:
         from atp_ray.memory_plan import check_run_plan
@@ -101,7 +102,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     from atp_ray.search.space import load_space
 
-    space, base = load_space(args.space, args.overrides, args.trials)  # every problem before Ray starts
+    # every problem of the space is reported here, before Ray starts
+    space, base = load_space(resolve(args.space, "search_spaces"), args.overrides, args.trials)
     from atp_ray.search.space import gpu_memory_plan
 
     plan = gpu_memory_plan(space, base)
@@ -268,7 +270,9 @@ def _report(experiment_dir: Path, show_front: bool) -> None:
 
 def _add_search_commands(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="search ATP knobs with Ray Tune + Optuna for a Pareto front")
-    search.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    search.add_argument(
+        "--space", required=True, help="search space YAML, or a shipped one's name (demo; see search_spaces/)"
+    )
     search.add_argument("--out", help="experiment folder (default experiments/<space name>)")
     search.add_argument("--trials", type=_positive_int, help="number of trials (default: the space's)")
     search.add_argument("overrides", nargs="*", help="dotted.key=value overrides of every trial's base run config")
@@ -302,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run ATP once: joint LoRA tuning and structural pruning")
-    train.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    train.add_argument(
+        "--config", required=True, help="run config YAML, or a shipped one's name (embedded; see configs/)"
+    )
     train.add_argument("--out", help="run folder (default runs/<config name>); an unfinished one is resumed")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. atp.sparsity=0.4")
     train.add_argument(
