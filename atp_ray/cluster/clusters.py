@@ -30,6 +30,7 @@ DASHBOARD_PORT = 8265
 
 
 def is_uri(path: str) -> bool:
+    """An ``s3://``/``gs://`` location rather than a path of a node's file system."""
     return "://" in path
 
 

@@ -30,6 +30,7 @@ TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def stamp() -> str:
+    """The time now (UTC), for job ids and experiment names."""
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 

@@ -21,20 +21,20 @@ def answers(address: str, token_path: Path) -> bool:
 
 
 def get_json(url: str, token_path: Path, timeout: float = 10) -> Any:
-    token = token_path.read_text().strip() if token_path.is_file() else ""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        raise ClusterError(f"{url}: HTTP {err.code} {err.reason}") from None
+    """GET ``url`` with the token in ``token_path``; an HTTP error raises :class:`ClusterError`."""
+    return _call(urllib.request.Request(url), token_path, timeout)
 
 
 def post_json(url: str, token_path: Path, timeout: float = 30) -> Any:
+    """POST an empty body to ``url`` with the token in ``token_path``; its JSON answer, if any."""
+    return _call(urllib.request.Request(url, data=b"", method="POST"), token_path, timeout)
+
+
+def _call(request: urllib.request.Request, token_path: Path, timeout: float) -> Any:
     token = token_path.read_text().strip() if token_path.is_file() else ""
-    request = urllib.request.Request(url, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"})
+    request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as err:
-        raise ClusterError(f"{url}: HTTP {err.code} {err.reason}") from None
+        raise ClusterError(f"{request.full_url}: HTTP {err.code} {err.reason}") from None
