@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
+from atp_ray.mask_sources import MASK_SOURCES
 from atp_ray.importance import IMPORTANCE
 from atp_ray.models import DEFAULT_LORA_TARGETS, family_of
 from atp_ray.strategies import STRATEGIES
@@ -322,7 +323,7 @@ class ATPSettings(_Section):
 
 
 IMPORTANCE_CRITERIA = tuple(IMPORTANCE)  # the two-step baseline's criteria (atp_ray.importance)
-METHODS = ("atp", "two-step", "lora")
+METHODS = tuple(MASK_SOURCES)  # one mask source per method (atp_ray.mask_sources)
 
 
 class BaselineSettings(_Section):

@@ -42,6 +42,7 @@ from transformers import AutoConfig
 
 from atp_ray.config import RunConfig, load_config
 from atp_ray.errors import ConfigError
+from atp_ray.mask_sources import MASK_SOURCES
 from atp_ray.structures import PruningSpace
 
 GIB = 2**30
@@ -354,12 +355,13 @@ def plan_memory(
     # fp32 gradients and AdamW moments; ZeRO shards them (and keeps an fp32 master copy of bf16 LoRA).
     state = lora * FP32_BYTES * (1 + ADAMW_STATES + int(precision.lora != FP32_BYTES))
     rows.append(("LoRA grads + AdamW", state if strategy == "ddp" else state // workers))
-    if config.method == "atp":
+    learned = MASK_SOURCES[config.method].trains_generator
+    if learned:
         generator = shape.generator_params(config.atp.generator_width)
         rows.append((f"generator + AdamW ({generator / 1e6:.1f}M)", generator * FP32_BYTES * (2 + ADAMW_STATES)))
 
     passes = {"LoRA step": _lora_pass(config, checkpointing)}
-    if config.method == "atp" and config.atp.control_step == "alternating":
+    if learned and config.atp.control_step == "alternating":
         passes["generator step"] = _generator_pass(config, checkpointing)
     peaks = {
         name: saved_activation_bytes(shape, rank, targets, precision, p)
@@ -382,7 +384,7 @@ def plan_memory(
 
 
 def _lora_pass(config: RunConfig, checkpointing: bool) -> LLMPass:
-    joint = config.method == "atp" and config.atp.control_step == "joint"
+    joint = MASK_SOURCES[config.method].trains_generator and config.atp.control_step == "joint"
     return LLMPass(config.train.batch_size, config.data.seq_len, config.lora.dropout > 0, joint, checkpointing)
 
 

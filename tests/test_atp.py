@@ -189,7 +189,7 @@ def test_generator_learns_the_target_and_freezes_early(finished_run: FinishedRun
     assert learned_gap <= tolerance
     assert learned_ratio[-1] < 0.6 * learned_ratio[0]
     # At the step-10 checkpoint the generator was already on its way but not yet there.
-    assert 0 < abs(noise_free_sparsity(raw, finished_run.checkpoints[10]["generator"]) - target) < target
+    assert 0 < abs(noise_free_sparsity(raw, finished_run.checkpoints[10]["source"]["generator"]) - target) < target
 
     frozen_raw = {**raw, "atp": {**raw["atp"], "generator_lr": 1e-9}}
     folder = RunFolder(tmp_path / "still")

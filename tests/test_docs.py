@@ -148,6 +148,8 @@ def test_the_objectives_table_is_the_registry():
         ("docs/search.md", "| `sampler` |", "atp_ray.search.samplers:SAMPLERS"),
         ("docs/distributed.md", "| `strategy` |", "atp_ray.strategies:STRATEGIES"),
         ("docs/method.md", "`baseline.importance`:", "atp_ray.importance:IMPORTANCE"),
+        ("docs/method.md", "one per `method`", "atp_ray.mask_sources:MASK_SOURCES"),
+        ("docs/method.md", "Supported: Llama", "atp_ray.models:MODEL_FAMILIES"),
     ],
     ids=lambda v: v if isinstance(v, str) and ":" in v else "",
 )

@@ -221,12 +221,13 @@ def _zero3_scores_worker(loop_config: dict) -> None:
         recipe = ATPRecipe(load_config(loop_config["raw"], overrides), out / name, ProcessContext.current("cpu"))
         recipe.setup()
         sharded = any(p.numel() == 0 for p in recipe.model.parameters() if not p.requires_grad)
-        if recipe.frozen_masks is not None:
-            scored = recipe.space.masks_to_dict(recipe.frozen_masks)
+        source = recipe.source
+        if source.frozen is not None:
+            scored = recipe.space.masks_to_dict(source.frozen)
         else:
-            scored = {k: v.tolist() for k, v in recipe.generator.state_dict().items() if k.startswith("prior_")}
+            scored = {k: v.tolist() for k, v in source.generator.state_dict().items() if k.startswith("prior_")}
         result = {"sharded": sharded, "scored": scored}
-        torch.save(recipe._calibration_batches(), out / f"{name}-batches-rank{recipe.context.rank}.pt")
+        torch.save(source.bench.calibration_batches(), out / f"{name}-batches-rank{recipe.context.rank}.pt")
         (out / f"{name}-rank{recipe.context.rank}.json").write_text(json.dumps(result))
 
 

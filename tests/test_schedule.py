@@ -14,6 +14,7 @@ from atp_ray.data import BatchStream, build_splits
 from atp_ray.generator import _head_key
 from atp_ray.importance import IMPORTANCE
 from atp_ray.losses import ratio_loss
+from atp_ray.mask_sources import MASK_SOURCES, LearnedMasks
 from atp_ray.masking import masked
 from atp_ray.process import ProcessContext
 from atp_ray.run_folder import RunFolder
@@ -81,7 +82,7 @@ def test_budget_multiplier_breaks_the_equilibrium_a_fixed_weight_settles_in(trai
 def test_frozen_generator_is_flagged_and_not_cut_at_the_freeze(tiny_model_dir, tmp_path, caplog):
     """generator_lr=0: the mask never moves, so the run must say it missed its target, not jump to it."""
     raw = tiny_run_config(tiny_model_dir, atp={"generator_lr": 0.0})
-    with caplog.at_level(logging.WARNING, logger="atp_ray.atp"):
+    with caplog.at_level(logging.WARNING, logger="atp_ray.mask_sources"):
         summary = run_atp(load_config(raw), tmp_path / "run")
     assert summary["reached_target"] is False
     assert summary["sparsity_at_control_end"] == pytest.approx(0.0)
@@ -97,7 +98,7 @@ def test_a_mask_past_the_target_is_frozen_on_it_when_control_ends(tiny_model_dir
     the run does not wait out its extension nor report a miss."""
     raw = tiny_run_config(tiny_model_dir, atp={"sparsity": 0.2, "generator_lr": 0.0, "importance_prior": 20.0})
     config = load_config(raw)
-    with caplog.at_level(logging.WARNING, logger="atp_ray.atp"):
+    with caplog.at_level(logging.WARNING, logger="atp_ray.mask_sources"):
         summary = run_atp(config, tmp_path / "run")
     assert summary["sparsity_at_control_end"] > 0.45  # the generator overshot by far
     assert summary["freeze_step"] == math.ceil(config.train.steps * config.atp.control_fraction)
@@ -129,7 +130,7 @@ def test_resume_mid_control_restores_the_multipliers(tiny_model_dir, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_atp(load_config(raw), tmp_path / "run")
     folder = RunFolder(tmp_path / "run")
-    assert torch.load(folder.checkpoint, weights_only=True)["multipliers"].abs().sum() > 0
+    assert torch.load(folder.checkpoint, weights_only=True)["source"]["budget"]["multipliers"].abs().sum() > 0
     monkeypatch.setattr(ATPRecipe, "_checkpoint", save)
     assert run_atp(load_config(raw), tmp_path / "run") == reference
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
@@ -155,21 +156,19 @@ def test_joint_step_gives_the_generator_the_gradient_of_its_own_loss(tiny_model_
     raw = tiny_run_config(tiny_model_dir, atp={"control_step": "joint"}, lora={"dropout": 0.0})
     recipe = ATPRecipe(load_config(raw), tmp_path / "run", ProcessContext.current("cpu"))
     recipe.setup()
+    source = recipe.source
     recipe.model.train()
-    recipe.generator.train()
-    noise = torch.Generator().manual_seed(recipe._noise_seed(0))
-    masks = recipe.generator(noise)
+    source.generator.train()
+    masks = source.generator(source._noise(0, 0))
     with masked(recipe.model, recipe.space, masks):
         task_loss = recipe.model(**recipe.train_stream.batch(0)).loss
-    budget = recipe.config.atp.ratio_weight * ratio_loss(
-        recipe.space.kept_fraction(masks), 1.0 - recipe._control_target()
-    )
-    params = list(recipe.generator.parameters())
+    budget = recipe.config.atp.ratio_weight * ratio_loss(recipe.space.kept_fraction(masks), 1.0 - source.budget.target(0))
+    params = list(source.generator.parameters())
     expected = torch.autograd.grad(task_loss + budget, params, allow_unused=True)
 
     captured = []
-    recipe._update_generator = lambda: captured.extend(p.grad.clone() if p.grad is not None else None for p in params)
-    step_masks, metrics = recipe._joint_step()
+    source._update_generator = lambda: captured.extend(p.grad.clone() if p.grad is not None else None for p in params)
+    step_masks, metrics = source._joint_step(0, recipe._lora_step)
     assert metrics["loss"] == pytest.approx(task_loss.item())
     assert all(not m.requires_grad for m in step_masks.values())
     assert len(captured) == len(expected)
@@ -203,7 +202,7 @@ def test_joint_step_runs_the_llm_once_per_control_step(tiny_model_dir, tmp_path)
     assert joint["sparsity_at_control_end"] > 0.3  # the generator still moved towards the 0.4 target
 
 
-class _LateCut(ATPRecipe):
+class _LateCut(LearnedMasks):
     """At the step the run would freeze, the generator is made to cut units the model needs (by
     Taylor score, the better half of every group): the budget's late pull, which on real data
     (60%, a file of HPO definitions, seed 0) made the generator cut a unit just before the
@@ -213,19 +212,25 @@ class _LateCut(ATPRecipe):
     cut_step: int | None = None
     depth = 4.0  # logits below the threshold: cut, within the generator's reach
 
-    def _maybe_freeze(self) -> None:
-        atp = self.config.atp
-        on_target = atp.sparsity - self.space.sparsity(self.generator.deterministic_masks()) <= atp.freeze_tolerance
-        if self.cut_step is None and self.step >= self.control_steps and on_target:
-            scores = IMPORTANCE["taylor"].score(self.model, self.space, self._calibration_batches())
+    def after_step(self, step: int) -> None:
+        atp, space, bench = self.atp, self.bench.space, self.bench
+        on_target = atp.sparsity - space.sparsity(self.generator.deterministic_masks()) <= atp.freeze_tolerance
+        if self.frozen is None and self.cut_step is None and step >= self.budget.control_steps and on_target:
+            scores = IMPORTANCE["taylor"].score(bench.model, space, bench.calibration_batches())
             logits = self.generator.logits()
             with torch.no_grad():
-                for group in self.space.groups:
+                for group in space.groups:
                     best = scores[group.layer][group.kind].topk(max(1, group.size // 2)).indices
                     offsets = getattr(self.generator, f"prior_{_head_key(group)}")
                     offsets[best] -= logits[group][best].detach() + atp.base + self.depth
-            self.cut_step = self.step
-        super()._maybe_freeze()
+            self.cut_step = step
+        super().after_step(step)
+
+
+@pytest.fixture
+def late_cut(monkeypatch):
+    """ATP runs whose mask source is _LateCut."""
+    monkeypatch.setitem(MASK_SOURCES, "atp", _LateCut)
 
 
 def _loss_across_freeze(folder: RunFolder, freeze_step: int, window: int = 3) -> float:
@@ -236,46 +241,46 @@ def _loss_across_freeze(folder: RunFolder, freeze_step: int, window: int = 3) ->
 
 
 @pytest.mark.parametrize("checked", [True, False])
-def test_a_unit_cut_just_before_the_freeze_is_not_frozen_in(trained_model_dir, tmp_path, checked):
+def test_a_unit_cut_just_before_the_freeze_is_not_frozen_in(trained_model_dir, tmp_path, checked, late_cut):
     """Without the freeze check the run freezes onto the late cut and its loss jumps; with it the
     freeze waits until the generator has given the unit back, and the loss crosses smoothly."""
     atp = {"importance_prior": 1.0, "freeze_loss_ratio": 1.15 if checked else None}
     config = load_config(tiny_run_config(trained_model_dir, atp=atp, train={"log_every": 1}))
-    recipe = _LateCut(config, tmp_path / "run", ProcessContext.current("cpu"))
+    recipe = ATPRecipe(config, tmp_path / "run", ProcessContext.current("cpu"))
     recipe.setup()
     recipe.train()
     summary = recipe.save()
     jump = _loss_across_freeze(RunFolder(tmp_path / "run"), summary["freeze_step"])
     if checked:
-        assert summary["freeze_step"] > recipe.cut_step and jump <= 1.10
+        assert summary["freeze_step"] > recipe.source.cut_step and jump <= 1.10
         assert abs(summary["sparsity"] - 0.4) <= 0.02
     else:
-        assert summary["freeze_step"] == recipe.cut_step and jump > 1.15
+        assert summary["freeze_step"] == recipe.source.cut_step and jump > 1.15
 
 
-def test_a_postponed_freeze_resumes_exactly(trained_model_dir, tmp_path):
+def test_a_postponed_freeze_resumes_exactly(trained_model_dir, tmp_path, late_cut):
     """Stopped in control and resumed, a run whose freeze the check postpones ends as the
     uninterrupted one: the control loss it checks against is carried in the checkpoint."""
     config = load_config(tiny_run_config(trained_model_dir, atp={"importance_prior": 1.0}, train={"log_every": 1}))
     context = ProcessContext.current("cpu")
 
-    class StoppedAtTen(_LateCut):
+    class StoppedAtTen(ATPRecipe):
         def _checkpoint(self) -> None:
             super()._checkpoint()
             if self.step == 10:
                 raise KeyboardInterrupt
 
-    def run(recipe_cls: type[_LateCut], name: str) -> tuple[_LateCut, dict]:
+    def run(recipe_cls: type[ATPRecipe], name: str) -> tuple[ATPRecipe, dict]:
         recipe = recipe_cls(config, tmp_path / name, context)
         recipe.setup()
         recipe.train()
         return recipe, recipe.save()
 
-    whole, expected = run(_LateCut, "whole")
-    assert expected["freeze_step"] > whole.cut_step  # the check postponed the freeze
+    whole, expected = run(ATPRecipe, "whole")
+    assert expected["freeze_step"] > whole.source.cut_step  # the check postponed the freeze
     with pytest.raises(KeyboardInterrupt):
         run(StoppedAtTen, "resumed")
-    resumed, summary = run(_LateCut, "resumed")
-    assert summary == expected and resumed.control_loss == whole.control_loss
+    resumed, summary = run(ATPRecipe, "resumed")
+    assert summary == expected and resumed.source.budget.control_loss == whole.source.budget.control_loss
     untimed = lambda name: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _rows(RunFolder(tmp_path / name))]  # noqa: E731
     assert untimed("resumed") == untimed("whole")
