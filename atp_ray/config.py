@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
-from atp_ray.mask_sources import MASK_SOURCES
 from atp_ray.importance import IMPORTANCE
+from atp_ray.mask_sources import MASK_SOURCES
 from atp_ray.models import DEFAULT_LORA_TARGETS, family_of
 from atp_ray.strategies import STRATEGIES
 
