@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Batch = Mapping[str, Tensor]
 # One LoRA update under the given mask; returns the step's metrics.
 LoraStep = Callable[[Masks], dict[str, float]]
 
