@@ -10,7 +10,7 @@ __all__ = ["load_compressed"]
 def __getattr__(name: str) -> Any:
     # Lazy, so that importing atp_ray (e.g. for the CLI's --help) does not import transformers.
     if name == "load_compressed":
-        from atp_ray.compress import load_compressed
+        from atp_ray.compression.compress import load_compressed
 
         return load_compressed
     raise AttributeError(f"module 'atp_ray' has no attribute {name!r}")

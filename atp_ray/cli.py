@@ -38,17 +38,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     config = load_config(resolve(args.config, "configs"), args.overrides + _distributed_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if config.distributed.use_gpu:
-        from atp_ray.memory_plan import check_run_plan
+        from atp_ray.training.memory_plan import check_run_plan
 
         print(check_run_plan(config).table())  # refuses a plan that cannot fit distributed.gpu_memory_gib
     if config.distributed.workers is None:
-        from atp_ray.atp import run_atp
-        from atp_ray.modeling import check_model_reachable
+        from atp_ray.runtime.modeling import check_model_reachable
+        from atp_ray.training.atp import run_atp
 
         check_model_reachable(config.model.path)  # before the run folder is made
         summary = run_atp(config, out)
     else:
-        from atp_ray.distributed import run_distributed
+        from atp_ray.training.distributed import run_distributed
 
         check_ray_address(args.address or os.environ.get("RAY_ADDRESS"))
         summary = run_distributed(config, out, address=args.address)
@@ -58,8 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
-    from atp_ray.eval_recipe import format_report, run_eval
-    from atp_ray.run_folder import atomic_write_json
+    from atp_ray.evaluation.eval_recipe import format_report, run_eval
+    from atp_ray.runtime.run_folder import atomic_write_json
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = run_eval(
@@ -87,7 +87,7 @@ def _sample_cap(value: str) -> int | None:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
-    from atp_ray.compress import compress_run
+    from atp_ray.compression.compress import compress_run
 
     record = compress_run(args.run_dir, args.out)
     print(
@@ -185,7 +185,7 @@ def _driver(root: Path) -> Iterator[None]:
     """
     import ray
 
-    from atp_ray.distributed import init_ray
+    from atp_ray.training.distributed import init_ray
 
     try:
         started_in: str | None = os.getcwd()
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--gpus-per-worker", type=float, help="GPUs per worker (sets distributed.use_gpu and gpus_per_worker)"
     )
-    # No choices here: the run config checks the name against the registry (atp_ray.strategies),
+    # No choices here: the run config checks the name against the registry (atp_ray.runtime.strategies),
     # which imports torch, and `atp-ray --help` should not wait for it.
     train.add_argument("--strategy", help="distributed.strategy (an unknown name is refused, with the known ones)")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", required=True, help="new model folder (must not exist or be empty)")
     compress.set_defaults(handler=_cmd_compress)
 
-    from atp_ray.tasks import BUILTIN_TASKS, DEFAULT_TASKS
+    from atp_ray.evaluation.tasks import BUILTIN_TASKS, DEFAULT_TASKS
 
     evaluate = commands.add_parser("eval", help="score a model, an ATP run folder or a compressed folder on tasks")
     evaluate.add_argument(

@@ -17,12 +17,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atp_ray.embedded import EMBEDDED_MODEL
 from atp_ray.errors import ConfigError, UnsupportedArchitectureError
-from atp_ray.importance import IMPORTANCE
-from atp_ray.mask_sources import MASK_SOURCES
 from atp_ray.models import DEFAULT_LORA_TARGETS, family_of
-from atp_ray.strategies import STRATEGIES
+from atp_ray.models.embedded import EMBEDDED_MODEL
+from atp_ray.pruning.importance import IMPORTANCE
+from atp_ray.runtime.strategies import STRATEGIES
 
 
 class _Section(BaseModel):
@@ -83,7 +82,7 @@ class FileSource(_Section):
 
 
 class BuiltinSource(_Section):
-    """An offline corpus read from an installed package (see ``atp_ray.sources.BUILTIN_SOURCES``)."""
+    """An offline corpus read from an installed package (see ``atp_ray.data.sources.BUILTIN_SOURCES``)."""
 
     kind: Literal["builtin"] = "builtin"
     name: str = Field(min_length=1, description="built-in corpus, e.g. 'hpo', 'icd10cm', 'licences'")
@@ -322,8 +321,10 @@ class ATPSettings(_Section):
         return self
 
 
-IMPORTANCE_CRITERIA = tuple(IMPORTANCE)  # the two-step baseline's criteria (atp_ray.importance)
-METHODS = tuple(MASK_SOURCES)  # one mask source per method (atp_ray.mask_sources)
+IMPORTANCE_CRITERIA = tuple(IMPORTANCE)  # the two-step baseline's criteria (atp_ray.pruning.importance)
+# One mask source per method; the names live here so that config needs no recipe module
+# (atp_ray.training.mask_sources.MASK_SOURCES has one entry per name, in this order: a test checks).
+METHODS = ("atp", "two-step", "lora")
 
 
 class BaselineSettings(_Section):
@@ -337,7 +338,7 @@ class BaselineSettings(_Section):
     )
 
 
-# Teachers of the distillation term (atp_ray.distillation.TEACHERS; a test keeps them equal).
+# Teachers of the distillation term (atp_ray.training.distillation.TEACHERS; a test keeps them equal).
 DISTILL_TEACHERS = ("inplace", "dense")
 
 
@@ -345,7 +346,7 @@ class DistillSettings(_Section):
     """Logit distillation in the LoRA step, the same for every method (atp, two-step, lora).
 
     The LoRA step's loss gains ``weight`` x T^2 x KL(teacher || masked model) over the
-    next-token distributions at temperature T (atp_ray.distillation). The teacher costs one
+    next-token distributions at temperature T (atp_ray.training.distillation). The teacher costs one
     more forward pass of the model per micro-batch, without gradients and without a second
     copy of any weight. Under ``atp.control_step=joint`` the generator's gradient, taken from
     the LoRA step's backward, includes the term too.
@@ -391,11 +392,11 @@ class TrainConfig(_Section):
         "auto",
         description="recompute each decoder layer's activations in the backward pass instead of keeping them "
         "(about a third more compute, a fraction of the activation memory); auto = on for a GPU run whose "
-        "memory plan (atp_ray.memory_plan) does not fit the GPU without it, off on CPU",
+        "memory plan (atp_ray.training.memory_plan) does not fit the GPU without it, off on CPU",
     )
 
 
-STRATEGY_NAMES = tuple(STRATEGIES)  # atp_ray.strategies
+STRATEGY_NAMES = tuple(STRATEGIES)  # atp_ray.runtime.strategies
 
 
 class DistributedConfig(_Section):

@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
-from atp_ray.modeling import load_tokenizer
+from atp_ray.runtime.modeling import load_tokenizer
+from atp_ray.training.atp import run_atp
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded.yaml"
 

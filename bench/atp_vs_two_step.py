@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from atp_ray.config import RunConfig, apply_overrides, load_config
-from atp_ray.eval_recipe import run_eval
+from atp_ray.evaluation.eval_recipe import run_eval
 from bench._runs import base_config, mean_sd, timed_run, with_overrides
 
 DENSE = "dense lora"

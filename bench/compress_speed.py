@@ -6,10 +6,10 @@
 With ``--runs``, the compressed models are those finished runs make (ATP's non-uniform
 masks, or a two-step baseline's), compressed as ``atp-ray compress`` does, against their
 common source model; ``--channel-multiple`` then rounds each run's kept MLP widths with
-``atp_ray.widths.round_mlp_channels`` (channels ranked by magnitude) and benches both the
+``atp_ray.pruning.widths.round_mlp_channels`` (channels ranked by magnitude) and benches both the
 run as trained and its rounded copy, side by side.
 
-Masks: ``atp_ray.magnitude.uniform_magnitude_masks`` keeps the same attention shape in
+Masks: ``atp_ray.pruning.magnitude.uniform_magnitude_masks`` keeps the same attention shape in
 every layer (the KV-group x query-slot grid closest to the target) and the
 highest-magnitude heads and channels, with the MLP channel count solved so that the
 space's exact parameter accounting lands on the target sparsity (within one channel).
@@ -41,12 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from atp_ray.compress import compress_model, count_params, load_compressed, save_compressed
-from atp_ray.embedded import EMBEDDED_MODEL
-from atp_ray.magnitude import layer_scores, uniform_magnitude_masks
-from atp_ray.modeling import load_model, load_run_model
-from atp_ray.run_folder import RunFolder
-from atp_ray.speed import (
+from atp_ray.compression.compress import compress_model, count_params, load_compressed, save_compressed
+from atp_ray.compression.speed import (
     decode_flops,
     decode_seconds,
     interleaved_seconds,
@@ -57,8 +53,12 @@ from atp_ray.speed import (
     random_tokens,
     reset_peak_memory,
 )
-from atp_ray.structures import PruningSpace, UnitKind
-from atp_ray.widths import round_mlp_channels
+from atp_ray.models.embedded import EMBEDDED_MODEL
+from atp_ray.pruning.magnitude import layer_scores, uniform_magnitude_masks
+from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.pruning.widths import round_mlp_channels
+from atp_ray.runtime.modeling import load_model, load_run_model
+from atp_ray.runtime.run_folder import RunFolder
 
 DENSE = "dense"
 MiB = 2**20

@@ -30,8 +30,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
+from atp_ray.training.atp import run_atp
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded.yaml"
 # Steps averaged on each side of the freeze.

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from atp_ray.atp import run_atp
 from atp_ray.config import RunConfig, load_config
-from atp_ray.distributed import init_ray, run_distributed
-from atp_ray.embedded import EMBEDDED_MODEL
+from atp_ray.models.embedded import EMBEDDED_MODEL
+from atp_ray.training.atp import run_atp
+from atp_ray.training.distributed import init_ray, run_distributed
 
 
 def bench_config(steps: int, quick: bool, model: str = EMBEDDED_MODEL) -> dict:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
-from atp_ray.run_folder import RunFolder
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
 
 TINY = dict(
     vocab_size=64,
@@ -153,7 +153,7 @@ def ray_local():
     # from this folder: put it (and the repository) on their path.
     here = Path(__file__).resolve().parent
     path = os.pathsep.join(filter(None, [str(here), str(here.parent), os.environ.get("PYTHONPATH")]))
-    from atp_ray.distributed import init_ray
+    from atp_ray.training.distributed import init_ray
 
     init_ray(
         num_cpus=2,

@@ -15,12 +15,12 @@ from conftest import FinishedRun, make_tiny_model, make_tiny_tokenizer, tiny_run
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
 from atp_ray.errors import RunFolderError
-from atp_ray.generator import PruningGenerator
-from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.pruning.generator import PruningGenerator
+from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
 
 
 def _rows(folder: RunFolder) -> list[dict]:

@@ -11,16 +11,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from conftest import TINY_MODELS, make_tiny_model, tiny_run_config
 
-from atp_ray.atp import run_atp
 from atp_ray.cli import main
-from atp_ray.compress import read_record
+from atp_ray.compression.compress import read_record
 from atp_ray.config import IMPORTANCE_CRITERIA, load_config
 from atp_ray.errors import ConfigError
-from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
-from atp_ray.magnitude import unit_scores
-from atp_ray.modeling import load_model
-from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitGroup, UnitKind
+from atp_ray.pruning.importance import IMPORTANCE, importance_masks, importance_prior
+from atp_ray.pruning.magnitude import unit_scores
+from atp_ray.pruning.structures import PruningSpace, UnitGroup, UnitKind
+from atp_ray.runtime.modeling import load_model
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
 
 
 def _batches(model, count=2, batch=2, seq=16):
@@ -127,8 +127,8 @@ def test_two_step_run_folder_compresses_and_evaluates_like_an_atp_run(tiny_model
     assert all(r["sparsity"] == pytest.approx(summary["sparsity"]) for r in rows)  # one mask from step 0
 
     # The saved mask is the Taylor mask of the base model on the run's first calibration batches.
-    from atp_ray.atp import ATPRecipe
-    from atp_ray.process import ProcessContext
+    from atp_ray.runtime.process import ProcessContext
+    from atp_ray.training.atp import ATPRecipe
 
     probe = ATPRecipe(config, tmp_path / "probe", ProcessContext.current("cpu"))
     probe.setup()

@@ -8,8 +8,8 @@ import sys
 import torch
 from conftest import tiny_run_config
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
+from atp_ray.training.atp import run_atp
 
 
 def _run(monkeypatch, module, argv: list[str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atp_ray.budget import CONTROL_LOSS_DECAY, BudgetController
+from atp_ray.training.budget import CONTROL_LOSS_DECAY, BudgetController
 
 
 def _controller(**overrides) -> BudgetController:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import atp_ray
 from atp_ray.cli import main
-from atp_ray.compress import (
+from atp_ray.compression.compress import (
     COMPRESSION_FILE,
     compress_model,
     count_params,
@@ -25,13 +25,13 @@ from atp_ray.compress import (
     read_record,
     save_compressed,
 )
+from atp_ray.compression.surgery import HeadlessAttention
 from atp_ray.errors import CompressionError
-from atp_ray.masking import masked
-from atp_ray.modeling import load_model, load_run_model
 from atp_ray.models import DEFAULT_LORA_TARGETS
-from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitKind
-from atp_ray.surgery import HeadlessAttention
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.runtime.modeling import load_model, load_run_model
+from atp_ray.runtime.run_folder import RunFolder
 
 def build_run(root: Path, name: str, masks_for=lambda space: random_masks(space, seed=3, keep=0.5)) -> Path:
     """A finished-looking run folder: base model on disk, a non-trivial LoRA adapter, a mask."""
@@ -343,9 +343,9 @@ def test_trained_run_merges_its_adapter_and_compresses_to_the_masked_adapted_mod
 # -- the real embedded model ------------------------------------------------------------------
 @pytest.mark.slow
 def test_embedded_model_compresses_exactly(tmp_path):
-    from atp_ray.embedded import EMBEDDED_MODEL
-    from atp_ray.magnitude import uniform_magnitude_masks
-    from atp_ray.modeling import load_model, load_tokenizer
+    from atp_ray.models.embedded import EMBEDDED_MODEL
+    from atp_ray.pruning.magnitude import uniform_magnitude_masks
+    from atp_ray.runtime.modeling import load_model, load_tokenizer
 
     model = load_model(EMBEDDED_MODEL)
     space = PruningSpace.from_config(model.config)

@@ -124,3 +124,11 @@ def test_config_error_survives_a_pickle_round_trip_with_its_problems():
     err = ConfigError(["model.path: no such folder", "train.steps: must be positive"])
     back = pickle.loads(pickle.dumps(err))
     assert back.problems == err.problems and str(back) == str(err)
+
+
+def test_method_names_match_the_mask_sources():
+    """config keeps the method names so that it imports no recipe module; the recipe has one source per name."""
+    from atp_ray.config import METHODS
+    from atp_ray.training.mask_sources import MASK_SOURCES
+
+    assert tuple(MASK_SOURCES) == METHODS

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from atp_ray.config import BuiltinSource, DataConfig, FileSource, HubSource, load_config
-from atp_ray.data import IGNORE_INDEX, BatchStream, build_splits, load_splits, pack, pad, split_table
+from atp_ray.data.batches import IGNORE_INDEX, BatchStream, build_splits, load_splits, pack, pad, split_table
+from atp_ray.data.formats import Pair
+from atp_ray.data.sources import Table
 from atp_ray.errors import ConfigError, DataError
-from atp_ray.formats import Pair
-from atp_ray.sources import Table
 
 MODEL = {"path": "embedded:smollm2-135m-instruct"}
 

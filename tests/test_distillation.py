@@ -1,4 +1,4 @@
-"""Distillation (atp_ray/distillation.py) and its place in the LoRA step, on the tiny models."""
+"""Distillation (atp_ray/training/distillation.py) and its place in the LoRA step, on the tiny models."""
 
 import contextlib
 import json
@@ -10,16 +10,16 @@ from conftest import make_tiny_model, random_masks, tiny_run_config
 from peft import LoraConfig, get_peft_model
 from test_atp import _stop_after_checkpoint, assert_same_run
 
-import atp_ray.atp
-from atp_ray.atp import run_atp
+import atp_ray.training.atp
 from atp_ray.config import DISTILL_TEACHERS, load_config
-from atp_ray.data import IGNORE_INDEX
-from atp_ray.distillation import TEACHERS, distillation_loss, teacher_logits
+from atp_ray.data.batches import IGNORE_INDEX
 from atp_ray.errors import ConfigError
-from atp_ray.masking import masked
 from atp_ray.models import DEFAULT_LORA_TARGETS
-from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import PruningSpace
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
+from atp_ray.training.distillation import TEACHERS, distillation_loss, teacher_logits
 
 
 def _lora_model(name: str = "llama-gqa"):
@@ -200,7 +200,7 @@ def test_recipe_runs_the_teacher_unmasked_and_without_autograd(tiny_model_dir, t
         calls.append(logits.grad_fn is None and not logits.requires_grad)
         return logits
 
-    monkeypatch.setattr(atp_ray.atp, "teacher_logits", spy)
+    monkeypatch.setattr(atp_ray.training.atp, "teacher_logits", spy)
     raw = _distill_config(tiny_model_dir, train={"steps": 2, "log_every": 1})
     run_atp(load_config(raw), tmp_path / "on")
     assert calls == [True, True]
@@ -266,7 +266,7 @@ def test_dense_teacher_under_zero3_matches_one_process(ray_local, tiny_model_dir
     """One ZeRO-3 worker (base weights partitioned, gathered by the engine's hooks in every forward): the
     teacher's pass with LoRA disabled runs, and the first step's loss and distillation equal the one-process
     run's; the later steps stay close."""
-    from atp_ray.distributed import run_distributed
+    from atp_ray.training.distributed import run_distributed
 
     raw = _distill_config(tiny_model_dir, teacher="dense", train={"steps": 4, "log_every": 1, "checkpoint_every": 100})
     run_atp(load_config(raw), tmp_path / "local")

@@ -11,11 +11,11 @@ from conftest import tiny_run_config
 from safetensors.torch import load_file
 from torch import nn
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
-from atp_ray.data import BatchStream, TokenBlocks
-from atp_ray.process import ProcessContext
-from atp_ray.run_folder import RunFolder
+from atp_ray.data.batches import BatchStream, TokenBlocks
+from atp_ray.runtime.process import ProcessContext
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
 
 
 def _free_port() -> int:

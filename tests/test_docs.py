@@ -146,9 +146,9 @@ def test_the_objectives_table_is_the_registry():
     "doc, marker, registry",
     [
         ("docs/search.md", "| `sampler` |", "atp_ray.search.samplers:SAMPLERS"),
-        ("docs/distributed.md", "| `strategy` |", "atp_ray.strategies:STRATEGIES"),
-        ("docs/method.md", "`baseline.importance`:", "atp_ray.importance:IMPORTANCE"),
-        ("docs/method.md", "one per `method`", "atp_ray.mask_sources:MASK_SOURCES"),
+        ("docs/distributed.md", "| `strategy` |", "atp_ray.runtime.strategies:STRATEGIES"),
+        ("docs/method.md", "`baseline.importance`:", "atp_ray.pruning.importance:IMPORTANCE"),
+        ("docs/method.md", "one per `method`", "atp_ray.training.mask_sources:MASK_SOURCES"),
         ("docs/method.md", "Supported: Llama", "atp_ray.models:MODEL_FAMILIES"),
     ],
     ids=lambda v: v if isinstance(v, str) and ":" in v else "",

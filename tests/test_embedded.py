@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from atp_ray.atp import run_atp
 from atp_ray.config import load_config
+from atp_ray.training.atp import run_atp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_embedded_config_runs_and_lands_on_target(tmp_path):
 @pytest.mark.slow
 def test_two_processes_converting_the_embedded_model_at_once_both_get_it(tmp_path):
     """A search's first trials may all ask for the model at once: one converts, the others wait for it."""
-    code = "from atp_ray.embedded import embedded_model_path; print(embedded_model_path())"
+    code = "from atp_ray.models.embedded import embedded_model_path; print(embedded_model_path())"
     env = {**os.environ, "ATP_RAY_CACHE": str(tmp_path / "cache")}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,12 +11,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from atp_ray.cli import main
 from atp_ray.config import DataConfig
-from atp_ray.data import encode_table, load_splits
-from atp_ray.evaluate import perplexity
-from atp_ray.masking import masked
-from atp_ray.modeling import load_model, load_tokenizer
-from atp_ray.run_folder import RunFolder
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.data.batches import encode_table, load_splits
+from atp_ray.evaluation.evaluate import perplexity
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.runtime.modeling import load_model, load_tokenizer
+from atp_ray.runtime.run_folder import RunFolder
 from conftest import random_masks
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from atp_ray.data import pad
-from atp_ray.evaluate import choice_log_likelihoods, greedy_generate, multiple_choice_accuracy, perplexity, rouge
-from atp_ray.formats import ChoiceQuestion, Pair
+from atp_ray.data.batches import pad
+from atp_ray.data.formats import ChoiceQuestion, Pair
+from atp_ray.evaluation.evaluate import choice_log_likelihoods, greedy_generate, multiple_choice_accuracy, perplexity, rouge
 from conftest import make_tiny_model
 
 
@@ -84,8 +84,8 @@ QUESTIONS = {
 @pytest.mark.parametrize("name", sorted(QUESTIONS))
 def test_stem_encoded_once_scores_every_choice_as_its_own_forward_pass_does(tiny_model, name):
     """The KV cache of the shared stem, reused per choice, changes no score: plain or masked, every family."""
-    from atp_ray.masking import masked
-    from atp_ray.structures import PruningSpace
+    from atp_ray.pruning.masking import masked
+    from atp_ray.pruning.structures import PruningSpace
     from conftest import random_masks
 
     question = QUESTIONS[name]

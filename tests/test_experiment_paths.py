@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from atp_ray.cli import DRIVER_FILE, STALE_DRIVER_S, _search_running
-from atp_ray.search.space import load_space
 from atp_ray.search.experiment import SEARCH_FILE, Experiment, new_experiment
+from atp_ray.search.space import load_space
 from tests.conftest import tiny_run_config
 
 
@@ -103,7 +103,7 @@ def test_the_driver_keeps_a_working_dir_while_ray_replaces_its_jobs_upload(tmp_p
     upload.mkdir()
     out.mkdir()
     monkeypatch.chdir(upload)
-    monkeypatch.setattr("atp_ray.distributed.init_ray", lambda **kwargs: None)  # Ray's part is not under test
+    monkeypatch.setattr("atp_ray.training.distributed.init_ray", lambda **kwargs: None)  # Ray's part is not under test
     with cli._driver(out):
         shutil.rmtree(upload)  # a node unpacks the job's upload again: the old folder goes,
         upload.mkdir()  # and a new one takes its path

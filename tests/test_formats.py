@@ -7,8 +7,7 @@ import logging
 import pytest
 
 from atp_ray.config import InstructionFormat, MultipleChoiceFormat, TextFormat
-from atp_ray.errors import DataError
-from atp_ray.formats import (
+from atp_ray.data.formats import (
     Pair,
     PromptEncoder,
     check_columns,
@@ -21,7 +20,8 @@ from atp_ray.formats import (
     resolve_answer,
     training_pairs,
 )
-from atp_ray.sources import Table
+from atp_ray.data.sources import Table
+from atp_ray.errors import DataError
 
 INSTRUCTION = InstructionFormat(prompt="q: {question}", response="{answer}", system="be brief")
 CHOICE = MultipleChoiceFormat(question="{question}", choices=["yes", "no", "{other}"], answer="label")
@@ -139,7 +139,7 @@ def test_fit_pairs_warns_once_with_a_count(caplog):
 
 @pytest.mark.slow
 def test_embedded_chat_template_masks_the_prompt():
-    from atp_ray.modeling import load_tokenizer
+    from atp_ray.runtime.modeling import load_tokenizer
 
     tokenizer = load_tokenizer("embedded:smollm2-135m-instruct")
     (pair,) = training_pairs(table({"question": "why", "answer": "because"}), INSTRUCTION, tokenizer)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from atp_ray.generator import PruningGenerator, binarize
-from atp_ray.structures import PruningSpace
+from atp_ray.pruning.generator import PruningGenerator, binarize
+from atp_ray.pruning.structures import PruningSpace
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from conftest import tiny_run_config
 
-from atp_ray.atp import _autocast, run_atp
-from atp_ray.compress import compress_run, load_compressed
+from atp_ray.compression.compress import compress_run, load_compressed
 from atp_ray.config import load_config
-from atp_ray.process import ProcessContext
-from atp_ray.run_folder import RunFolder
+from atp_ray.runtime.process import ProcessContext
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import _autocast, run_atp
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import TINY_MODELS, make_tiny_model
 
-from atp_ray import compress, targets
-from atp_ray.layout import Axis, Role, count_params, unit_sums
+from atp_ray.compression import compress
+from atp_ray.evaluation import targets
 from atp_ray.models import DEFAULT_LORA_TARGETS, MODEL_FAMILIES, decoder_layers
-from atp_ray.structures import PruningSpace
+from atp_ray.models.layout import Axis, Role, count_params, unit_sums
+from atp_ray.pruning.structures import PruningSpace
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

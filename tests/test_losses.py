@@ -5,9 +5,9 @@ import torch
 from conftest import make_tiny_model, random_masks
 from peft import LoraConfig, get_peft_model
 
-from atp_ray.losses import lora_group_lasso, ratio_loss
 from atp_ray.models import DEFAULT_LORA_TARGETS, decoder_layers
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.pruning.losses import lora_group_lasso, ratio_loss
+from atp_ray.pruning.structures import PruningSpace, UnitKind
 
 
 def test_ratio_loss_is_log_ratio_and_symmetric():

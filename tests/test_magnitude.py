@@ -6,8 +6,8 @@ import pytest
 from conftest import TINY_MODELS, make_tiny_model
 from transformers import LlamaConfig
 
-from atp_ray.magnitude import attention_shape, layer_scores, uniform_magnitude_masks
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.pruning.magnitude import attention_shape, layer_scores, uniform_magnitude_masks
+from atp_ray.pruning.structures import PruningSpace, UnitKind
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

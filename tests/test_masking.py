@@ -2,9 +2,9 @@ import torch
 from conftest import random_masks
 from peft import LoraConfig, get_peft_model
 
-from atp_ray.masking import masked
 from atp_ray.models import DEFAULT_LORA_TARGETS, decoder_layers
-from atp_ray.structures import PruningSpace
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import PruningSpace
 
 
 def _zero_cut_units(model, space, masks):

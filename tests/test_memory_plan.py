@@ -19,13 +19,17 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import CheckpointError
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from atp_ray.atp import run_atp
 from atp_ray.cli import main
 from atp_ray.config import load_config
 from atp_ray.errors import ConfigError
-from atp_ray.generator import PruningGenerator
-from atp_ray.masking import masked
-from atp_ray.memory_plan import (
+from atp_ray.models import DEFAULT_LORA_TARGETS
+from atp_ray.pruning.generator import PruningGenerator
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import PruningSpace
+from atp_ray.runtime.modeling import enable_activation_checkpointing, eval_for_backward
+from atp_ray.search.space import gpu_memory_plan, load_space
+from atp_ray.training.atp import run_atp
+from atp_ray.training.memory_plan import (
     GIB,
     LLMPass,
     ModelShape,
@@ -37,10 +41,6 @@ from atp_ray.memory_plan import (
     read_model_shape,
     saved_activation_bytes,
 )
-from atp_ray.modeling import enable_activation_checkpointing, eval_for_backward
-from atp_ray.models import DEFAULT_LORA_TARGETS
-from atp_ray.search.space import gpu_memory_plan, load_space
-from atp_ray.structures import PruningSpace
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 # Left out of the plan: RoPE's cos/sin tables (2 x seq x head_dim), under 1% of what these shapes save.
@@ -218,7 +218,7 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow  # four short runs: about 100 s on 2 shared cores
 def test_a_checkpointed_run_matches_a_plain_one_and_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
-    from atp_ray.run_folder import RunFolder
+    from atp_ray.runtime.run_folder import RunFolder
 
     raw = tiny_run_config(tiny_model_dir, train={"steps": 8, "checkpoint_every": 4, "log_every": 4})
     plain = run_atp(load_config(copy.deepcopy(raw), ["train.activation_checkpointing=false"]), tmp_path / "plain")

@@ -7,9 +7,9 @@ from conftest import TINY_MODELS, make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from atp_ray.errors import UnsupportedArchitectureError
-from atp_ray.layout import Axis
 from atp_ray.models import DEFAULT_LORA_TARGETS, MODEL_FAMILIES, decoder_layers, family_of
-from atp_ray.structures import PruningSpace
+from atp_ray.models.layout import Axis
+from atp_ray.pruning.structures import PruningSpace
 
 
 def test_every_family_has_a_tiny_model_in_the_tests():

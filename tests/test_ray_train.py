@@ -19,10 +19,11 @@ import yaml
 from conftest import tiny_run_config
 from ray.train import UserCallback
 
-from atp_ray.atp import run_atp
 from atp_ray.cluster.capacity import NodeType
 from atp_ray.config import load_config
-from atp_ray.distributed import (
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import run_atp
+from atp_ray.training.distributed import (
     CONTROLLER_POLL_ENV,
     CONTROLLER_POLL_S,
     MASK_TRACE_DIR,
@@ -34,7 +35,6 @@ from atp_ray.distributed import (
     run_distributed,
     worker_cpus,
 )
-from atp_ray.run_folder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_two_workers_survive_a_failure_and_agree_on_every_mask(strategy, ray_loc
         assert all(before[s] == digest for s, digest in after if s in before)
     assert dict(traces[0]) == dict(traces[1])  # the same mask on both ranks at every step
 
-    from atp_ray.compress import compress_run
-    from atp_ray.eval_recipe import run_eval
+    from atp_ray.compression.compress import compress_run
+    from atp_ray.evaluation.eval_recipe import run_eval
 
     compress_run(out, tmp_path / "compressed")
     report = run_eval(str(tmp_path / "compressed"), ["domain-ppl"], max_samples=4)
@@ -147,9 +147,9 @@ def test_one_worker_equals_one_process(ray_local, tiny_model_dir, tmp_path):
 
 def _zero3_lasso_worker(loop_config: dict) -> None:
     """Inside a ZeRO-3 worker: the recipe's model, known LoRA weights, the group lasso."""
-    from atp_ray.atp import ATPRecipe
-    from atp_ray.losses import lora_group_lasso
-    from atp_ray.process import ProcessContext
+    from atp_ray.pruning.losses import lora_group_lasso
+    from atp_ray.runtime.process import ProcessContext
+    from atp_ray.training.atp import ATPRecipe
 
     config = load_config(loop_config["raw"])
     recipe = ATPRecipe(config, Path(loop_config["out"]), ProcessContext.current("cpu"))
@@ -174,10 +174,10 @@ def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_pat
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from atp_ray.atp import ATPRecipe
-    from atp_ray.losses import lora_group_lasso
-    from atp_ray.process import ProcessContext
-    from atp_ray.structures import PruningSpace
+    from atp_ray.pruning.losses import lora_group_lasso
+    from atp_ray.pruning.structures import PruningSpace
+    from atp_ray.runtime.process import ProcessContext
+    from atp_ray.training.atp import ATPRecipe
 
     raw = tiny_run_config(tiny_model_dir, train={"steps": 2})
     local = ATPRecipe(load_config(raw), tmp_path / "local", ProcessContext.current("cpu"))
@@ -213,8 +213,8 @@ def test_zero3_group_lasso_equals_one_process(ray_local, tiny_model_dir, tmp_pat
 
 def _zero3_scores_worker(loop_config: dict) -> None:
     """Inside a ZeRO-3 worker: the recipe's setup scores units (prior and two-step mask) on sharded weights."""
-    from atp_ray.atp import ATPRecipe
-    from atp_ray.process import ProcessContext
+    from atp_ray.runtime.process import ProcessContext
+    from atp_ray.training.atp import ATPRecipe
 
     out = Path(loop_config["out"])
     for name, overrides in loop_config["runs"].items():
@@ -240,10 +240,10 @@ def test_zero3_importance_scores_equal_one_process(ray_local, tiny_model_dir, tm
     from ray.train.torch import TorchTrainer
     from peft import LoraConfig, get_peft_model
 
-    from atp_ray.generator import PruningGenerator
-    from atp_ray.importance import IMPORTANCE, importance_masks, importance_prior
-    from atp_ray.modeling import load_model
-    from atp_ray.structures import PruningSpace
+    from atp_ray.pruning.generator import PruningGenerator
+    from atp_ray.pruning.importance import IMPORTANCE, importance_masks, importance_prior
+    from atp_ray.pruning.structures import PruningSpace
+    from atp_ray.runtime.modeling import load_model
 
     raw = tiny_run_config(tiny_model_dir, train={"steps": 2}, baseline={"importance": "taylor", "calibration_batches": 2})
     raw["distributed"] = {"workers": 2, "strategy": "zero3"}
@@ -298,7 +298,7 @@ def test_preflight_refuses_before_any_worker_starts(tiny_model_dir, tmp_path, mo
         check_cluster(load_config({**raw, "distributed": {"workers": 2, "use_gpu": True}}), laptop, 1.0)
     with pytest.raises(DistributedRunError, match="need 2 worker slots; the cluster holds 1"):
         check_cluster(load_config({**raw, "distributed": {"workers": 2}}), [NodeType("a", {"CPU": 2.0}, 1)], 2.0)
-    import atp_ray.distributed as distributed
+    import atp_ray.training.distributed as distributed
 
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DistributedRunError, match="'zero3' needs deepspeed"):

@@ -8,16 +8,16 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer, tiny_run_config
 
-from atp_ray.atp import ATPRecipe, run_atp
 from atp_ray.config import DataConfig, load_config
-from atp_ray.data import BatchStream, build_splits
-from atp_ray.generator import _head_key
-from atp_ray.importance import IMPORTANCE
-from atp_ray.losses import ratio_loss
-from atp_ray.mask_sources import MASK_SOURCES, LearnedMasks
-from atp_ray.masking import masked
-from atp_ray.process import ProcessContext
-from atp_ray.run_folder import RunFolder
+from atp_ray.data.batches import BatchStream, build_splits
+from atp_ray.pruning.generator import _head_key
+from atp_ray.pruning.importance import IMPORTANCE
+from atp_ray.pruning.losses import ratio_loss
+from atp_ray.pruning.masking import masked
+from atp_ray.runtime.process import ProcessContext
+from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.training.atp import ATPRecipe, run_atp
+from atp_ray.training.mask_sources import MASK_SOURCES, LearnedMasks
 
 # The fixed-weight schedule before issue 12: the final target from step one, no multipliers,
 # control ends at its step whether or not the target is met.
@@ -82,7 +82,7 @@ def test_budget_multiplier_breaks_the_equilibrium_a_fixed_weight_settles_in(trai
 def test_frozen_generator_is_flagged_and_not_cut_at_the_freeze(tiny_model_dir, tmp_path, caplog):
     """generator_lr=0: the mask never moves, so the run must say it missed its target, not jump to it."""
     raw = tiny_run_config(tiny_model_dir, atp={"generator_lr": 0.0})
-    with caplog.at_level(logging.WARNING, logger="atp_ray.mask_sources"):
+    with caplog.at_level(logging.WARNING, logger="atp_ray.training.mask_sources"):
         summary = run_atp(load_config(raw), tmp_path / "run")
     assert summary["reached_target"] is False
     assert summary["sparsity_at_control_end"] == pytest.approx(0.0)
@@ -98,7 +98,7 @@ def test_a_mask_past_the_target_is_frozen_on_it_when_control_ends(tiny_model_dir
     the run does not wait out its extension nor report a miss."""
     raw = tiny_run_config(tiny_model_dir, atp={"sparsity": 0.2, "generator_lr": 0.0, "importance_prior": 20.0})
     config = load_config(raw)
-    with caplog.at_level(logging.WARNING, logger="atp_ray.mask_sources"):
+    with caplog.at_level(logging.WARNING, logger="atp_ray.training.mask_sources"):
         summary = run_atp(config, tmp_path / "run")
     assert summary["sparsity_at_control_end"] > 0.45  # the generator overshot by far
     assert summary["freeze_step"] == math.ceil(config.train.steps * config.atp.control_fraction)

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from atp_ray import corpora, quizzes
 from atp_ray.config import BuiltinSource, FileSource, HubSource
+from atp_ray.data import corpora, quizzes
+from atp_ray.data.sources import BUILTIN_SOURCES, load_table
 from atp_ray.errors import DataError
-from atp_ray.sources import BUILTIN_SOURCES, load_table
 
 ROWS = [{"text": f"document number {i}", "label": i} for i in range(6)]
 

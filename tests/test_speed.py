@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_masks
 
-from atp_ray import speed
-from atp_ray.compress import compress_model
-from atp_ray.structures import PruningSpace
+from atp_ray.compression import speed
+from atp_ray.compression.compress import compress_model
+from atp_ray.pruning.structures import PruningSpace
 
 
 def test_throughputs_are_positive_rates():
@@ -67,7 +67,7 @@ def test_prefill_flops_of_dense_and_compressed_models(name):
 # needed), but not the allocation this test must see.
 PEAK_SCRIPT = """
 import torch
-from atp_ray import speed
+from atp_ray.compression import speed
 before = speed.memory_in_use()
 speed.reset_peak_memory()
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from atp_ray.errors import ATPRayError
-from atp_ray.process import ProcessContext
-from atp_ray.strategies import STRATEGIES, deepspeed_config, make_strategy
+from atp_ray.runtime.process import ProcessContext
+from atp_ray.runtime.strategies import STRATEGIES, deepspeed_config, make_strategy
 
 
 def test_deepspeed_config_from_our_fields_with_a_user_override():

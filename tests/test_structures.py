@@ -5,7 +5,7 @@ from transformers import GPT2Config
 
 from atp_ray.errors import UnsupportedArchitectureError
 from atp_ray.models import decoder_layers
-from atp_ray.structures import PruningSpace, UnitKind
+from atp_ray.pruning.structures import PruningSpace, UnitKind
 
 
 def _prunable_param_count(model) -> int:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from atp_ray.config import DataConfig, TaskConfig, load_task_config
-from atp_ray.data import encode_table, load_splits
+from atp_ray.data.batches import encode_table, load_splits
+from atp_ray.data.formats import required_columns
 from atp_ray.errors import ConfigError, DataError
-from atp_ray.evaluate import perplexity
-from atp_ray.formats import required_columns
-from atp_ray.tasks import TaskContext, configured_task, domain_perplexity, resolve_tasks
+from atp_ray.evaluation.evaluate import perplexity
+from atp_ray.evaluation.tasks import TaskContext, configured_task, domain_perplexity, resolve_tasks
 from conftest import make_tiny_model
 
 SHIPPED_TASKS = sorted((Path(__file__).parents[1] / "configs" / "tasks").glob("*.yaml"))

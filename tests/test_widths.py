@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny_model, random_masks
 
-from atp_ray.structures import PruningSpace, UnitKind
-from atp_ray.widths import round_mlp_channels, rounded_counts
+from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.pruning.widths import round_mlp_channels, rounded_counts
 
 
 def test_counts_become_multiples_and_keep_the_total():

@@ -1,7 +1,7 @@
 """What atp-ray knows about one decoder family, in one object: :class:`ModelFamily`.
 
 A family is a transformers ``model_type`` whose layers atp-ray can prune: where its units'
-weights are (its :class:`~atp_ray.layout.DecoderLayout`), which of those projections carry
+weights are (its :class:`~atp_ray.models.layout.DecoderLayout`), which of those projections carry
 a bias, and how its attention module records the query heads per KV head. Everything else
 (parameter counts, default LoRA targets, masking, surgery) is derived from these.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from atp_ray.layout import DecoderLayout
+from atp_ray.models.layout import DecoderLayout
 
 # A transformers config -> names of the projections (Slice.name) that carry a bias.
 BiasRule = Callable[[Any], frozenset[str]]

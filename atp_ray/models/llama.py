@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from atp_ray.layout import Axis, DecoderLayout, Role, Slice
 from atp_ray.models.base import ModelFamily
+from atp_ray.models.layout import Axis, DecoderLayout, Role, Slice
 
 LLAMA_LAYOUT = DecoderLayout(
     layers_path="model.layers",

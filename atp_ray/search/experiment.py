@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from atp_ray.errors import ConfigError, ExperimentError
-from atp_ray.run_folder import atomic_write_json
+from atp_ray.runtime.run_folder import atomic_write_json
 from atp_ray.search.space import SearchSpace
 
 log = logging.getLogger(__name__)

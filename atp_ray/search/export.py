@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from atp_ray.compress import is_compressed
+from atp_ray.compression.compress import is_compressed
 from atp_ray.errors import ConfigError
 from atp_ray.search.experiment import Experiment
 from atp_ray.search.trial import TrialFolder

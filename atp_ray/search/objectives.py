@@ -98,7 +98,7 @@ class FinalMeasure:
 
     def task(self, task: str, metric: str, samples: int) -> float:
         """One metric of one task, scored by ``atp-ray eval``'s own recipe."""
-        from atp_ray.eval_recipe import run_eval
+        from atp_ray.evaluation.eval_recipe import run_eval
 
         report = run_eval(
             str(self.compressed), [task], max_samples=samples, batch_size=self.batch_size, dtype=self.dtype,
@@ -109,7 +109,7 @@ class FinalMeasure:
 
     def params(self) -> float:
         """The compressed model's exact parameter count, from its record."""
-        from atp_ray.compress import read_record
+        from atp_ray.compression.compress import read_record
 
         return float(read_record(self.compressed).params)
 
@@ -137,15 +137,15 @@ def _speed(model: Path | str, names: set[str], device: str, dtype: str = "float3
     """latency / throughput / flops of a model (compressed folder or dense model path)."""
     values: dict[str, float] = {}
     if names & {"latency", "throughput"}:
-        from atp_ray.eval_recipe import run_eval
+        from atp_ray.evaluation.eval_recipe import run_eval
 
         report = run_eval(str(model), ["latency"], max_samples=None, dtype=dtype, device=device)
         measured = report["tasks"]["latency"]["values"]
         values |= {"latency": measured["prefill_ms"], "throughput": measured["decode_tokens_per_s"]}
         values["parameters"] = float(report["parameters"])
     if "flops" in names:
-        from atp_ray.speed import prefill_flops
-        from atp_ray.targets import load_target
+        from atp_ray.compression.speed import prefill_flops
+        from atp_ray.evaluation.targets import load_target
 
         target = load_target(str(model), dtype).to(torch.device(device))
         with target.active() as active:
@@ -164,7 +164,7 @@ def dense_reference(model_path: str, dtype: str, objectives: list[Objective], de
         return {}
     if cache.is_file():
         return json.loads(cache.read_text())
-    from atp_ray.run_folder import atomic_write_json
+    from atp_ray.runtime.run_folder import atomic_write_json
 
     reference = _speed(model_path, names, device, dtype)
     cache.parent.mkdir(parents=True, exist_ok=True)

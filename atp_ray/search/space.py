@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from atp_ray.config import RunConfig, _describe, _read_mapping, load_config
 from atp_ray.errors import ConfigError
-from atp_ray.memory_plan import MemoryPlan, search_plan
 from atp_ray.search.objectives import OBJECTIVES, Objective
 from atp_ray.search.samplers import SAMPLERS, SamplerFactory, default_population
+from atp_ray.training.memory_plan import MemoryPlan, search_plan
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 _FIELDS = {"uniform": "uniform", "loguniform": "loguniform", "int": "integer", "choice": "choice", "fixed": "fixed"}
@@ -139,7 +139,7 @@ class Resources(_Strict):
         None,
         gt=0,
         description="memory of one of the node type's GPUs in GiB (as torch.cuda reports it); set, a GPU space "
-        "whose heaviest trial's memory plan (atp_ray.memory_plan) does not fit is refused (None = unknown, no check)",
+        "whose heaviest trial's memory plan (atp_ray.training.memory_plan) does not fit is refused (None = unknown, no check)",
     )
 
 
@@ -319,7 +319,7 @@ def _space_problems(space: SearchSpace) -> list[str]:
 
 
 def _task_problems(task: str) -> list[str]:
-    from atp_ray.tasks import resolve_tasks
+    from atp_ray.evaluation.tasks import resolve_tasks
 
     try:
         resolve_tasks([task])

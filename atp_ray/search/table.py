@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from atp_ray.run_folder import RunFolder
+from atp_ray.runtime.run_folder import RunFolder
 from atp_ray.search.experiment import Experiment
 from atp_ray.search.trial import TrialFolder
 

@@ -3,8 +3,8 @@
 Plain torch (no Ray): the search calls :func:`run_trial` inside a Tune trainable, and a
 user can call it directly. A trial folder holds
 
-    run/              the ATP run folder (atp_ray.run_folder)
-    compressed/       the compressed model (atp_ray.compress)
+    run/              the ATP run folder (atp_ray.runtime.run_folder)
+    compressed/       the compressed model (atp_ray.compression.compress)
     reference.json    dense-model speed figures, when a speed objective is searched
     objectives.json   the final objective values, written last: the trial is done
     trial.json        the search's record of it: knobs, status, failure reason, wall time
@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from atp_ray.atp import FINAL_EVAL_BLOCKS
-from atp_ray.compress import compress_run, is_compressed
+from atp_ray.compression.compress import compress_run, is_compressed
 from atp_ray.config import RunConfig
 from atp_ray.errors import ATPRayError
-from atp_ray.run_folder import RunFolder, atomic_write_json
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
 from atp_ray.search.objectives import Objective, dense_reference, final_objectives, intermediate_objectives
+from atp_ray.training.atp import FINAL_EVAL_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_trial(
 ) -> Objectives:
     """Train, compress and evaluate one ATP configuration in ``out``; returns the final objectives.
 
-    ``workers`` > 1 trains with Ray Train (``atp_ray.distributed``; the config's
+    ``workers`` > 1 trains with Ray Train (``atp_ray.training.distributed``; the config's
     ``distributed`` section says how) under the run name ``name``, and ``report`` is then
     called on Ray Train's controller at each of the workers' checkpoint reports.
     Raises :class:`TrialDiverged` when the loss or an objective is not finite.
@@ -126,7 +126,7 @@ def _stage_runner(config: RunConfig, workers: int) -> Callable[..., Any]:
     workers train on (a Ray task with one worker's resources): its driver sits on a GPU-less
     head, and latency must be that of the GPU the model will serve on."""
     if workers > 1:
-        from atp_ray.distributed import stage_on_a_worker_node
+        from atp_ray.training.distributed import stage_on_a_worker_node
 
         return stage_on_a_worker_node(config)
     return lambda stage, *args: stage(*args)
@@ -134,11 +134,11 @@ def _stage_runner(config: RunConfig, workers: int) -> Callable[..., Any]:
 
 def _train(config: RunConfig, run_dir: Path, step_report: _StepReport, workers: int, name: str | None) -> None:
     if workers > 1:
-        from atp_ray.distributed import run_distributed  # Ray Train: only multi-worker trials need it
+        from atp_ray.training.distributed import run_distributed  # Ray Train: only multi-worker trials need it
 
         run_distributed(config, run_dir, run_name=name, report=step_report.from_train_report)
     else:
-        from atp_ray.atp import run_atp
+        from atp_ray.training.atp import run_atp
 
         run_atp(config, run_dir, on_step=step_report)
 

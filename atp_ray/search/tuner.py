@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from atp_ray.cluster.config import DRIVER_RESOURCE
 from atp_ray.config import load_config
 from atp_ray.errors import ExperimentError
-from atp_ray.run_folder import RunFolder, atomic_write_json
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
 from atp_ray.search.experiment import TUNE_NAME, Experiment
 from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.space import SearchSpace

@@ -1,0 +1,151 @@
+"""The pruning-decision generator: one logit per prunable unit, turned into hard masks.
+
+A fixed, orthogonally initialised code per decoder layer goes through a small transformer
+encoder over the layer axis, so that decisions of different layers can inform each other;
+one bias-free linear head per (layer, unit kind) maps to that group's unit count. Only
+those heads depend on the model's shape, so one design serves any model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup
+
+
+def binarize(
+    logits: Tensor, *, temperature: float, base: float, stochastic: bool, generator: torch.Generator | None = None
+) -> Tensor:
+    """Hard 0/1 mask from logits with a straight-through gradient.
+
+    soft = sigmoid((logit + noise + base) / temperature), where noise is logistic
+    (Gumbel-sigmoid) when ``stochastic`` and zero otherwise; the forward value is
+    soft > 0.5, the backward gradient is the soft one. At least one unit is always kept
+    (the most confident), so a layer never loses all heads or all channels.
+    """
+    if stochastic:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid((logits + base) / temperature)
+    hard = (soft > 0.5).to(soft.dtype)
+    if hard.sum() == 0:
+        hard = torch.zeros_like(hard)
+        hard[soft.argmax()] = 1.0
+    return _StraightThrough.apply(soft, hard)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward the hard values exactly; send the gradient to the soft ones unchanged."""
+
+    @staticmethod
+    def forward(ctx, soft: Tensor, hard: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class PruningGenerator(nn.Module):
+    """Emits masks for a :class:`PruningSpace`: stochastic in training, deterministic in eval."""
+
+    def __init__(
+        self,
+        space: PruningSpace,
+        *,
+        width: int = 64,
+        num_heads: int = 4,
+        num_encoder_layers: int = 2,
+        temperature: float = 0.4,
+        base: float = 3.0,
+        prior: Mapping[UnitGroup, Tensor] | None = None,
+    ):
+        super().__init__()
+        self.space = space
+        self.temperature = temperature
+        self.base = base
+        codes = torch.empty(space.num_layers, width)
+        nn.init.orthogonal_(codes)
+        # A fixed input: trainable codes would let the generator memorise without the encoder.
+        self.register_buffer("layer_codes", codes)
+        block = nn.TransformerEncoderLayer(
+            width, num_heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(block, num_encoder_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({_head_key(g): nn.Linear(width, g.size, bias=False) for g in space.groups})
+        # A fixed offset per unit (an importance ranking to start from), saved with the weights.
+        self.has_prior = prior is not None
+        for group, offsets in (prior or {}).items():
+            self.register_buffer(f"prior_{_head_key(group)}", offsets.detach().clone())
+
+    def logits(self) -> dict[UnitGroup, Tensor]:
+        """One logit per unit, keyed by unit group."""
+        hidden = self.norm(self.encoder(self.layer_codes.unsqueeze(0)).squeeze(0))  # [layers, width]
+        logits = {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
+        if self.has_prior:
+            logits = {g: logit + getattr(self, f"prior_{_head_key(g)}") for g, logit in logits.items()}
+        return logits
+
+    def forward(self, generator: torch.Generator | None = None) -> dict[UnitGroup, Tensor]:
+        """Hard masks with straight-through gradients; noisy only in training mode."""
+        return {
+            g: binarize(
+                logit,
+                temperature=self.temperature,
+                base=self.base,
+                stochastic=self.training,
+                generator=generator,
+            )
+            for g, logit in self.logits().items()
+        }
+
+    @torch.no_grad()
+    def deterministic_masks(self) -> dict[UnitGroup, Tensor]:
+        """The noise-free hard mask."""
+        return _shifted_masks(self.logits(), 0.0, self.temperature, self.base)
+
+    @torch.no_grad()
+    def masks_at_sparsity(self, sparsity: float, iterations: int = 40) -> dict[UnitGroup, Tensor]:
+        """The noise-free mask whose sparsity is closest to ``sparsity``: the one frozen and exported.
+
+        The generator's noise-free decisions drift from the budget that its noisy samples
+        were trained to meet; one global logit offset, found by bisection, keeps its
+        ranking of units and hits the budget up to the granularity of one unit.
+        """
+        logits = self.logits()
+        masks_at = lambda offset: _shifted_masks(logits, offset, self.temperature, self.base)  # noqa: E731
+        low, high = -_OFFSET_RANGE, _OFFSET_RANGE  # a higher offset keeps more units
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            if self.space.sparsity(masks_at(middle)) > sparsity:
+                low = middle
+            else:
+                high = middle
+        return min((masks_at(low), masks_at(high)), key=lambda masks: abs(self.space.sparsity(masks) - sparsity))
+
+
+def _shifted_masks(
+    logits: dict[UnitGroup, Tensor], offset: float, temperature: float, base: float
+) -> dict[UnitGroup, Tensor]:
+    return {
+        g: binarize(logit + offset, temperature=temperature, base=base, stochastic=False)
+        for g, logit in logits.items()
+    }
+
+
+# Logit shifts searched when matching a budget; beyond it every unit is kept or cut.
+_OFFSET_RANGE = 100.0
+
+
+def _head_key(group: UnitGroup) -> str:
+    # ModuleDict keys may not contain dots.
+    return f"layer{group.layer}_{group.kind.value}"
+
+
+def detach_masks(masks: Masks) -> dict[UnitGroup, Tensor]:
+    """Hard masks without their graph, for steps that must not train the generator."""
+    return {g: m.detach() for g, m in masks.items()}

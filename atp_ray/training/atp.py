@@ -1,0 +1,375 @@
+"""One run on one process: setup -> train -> save, read top to bottom.
+
+Every step tunes LoRA on a training batch, under a mask from the run's mask source
+(atp_ray.training.mask_sources: ATP's generator, a two-step baseline's scored mask, or none),
+against task loss + group lasso (+ distillation). An ATP run's mask is learned in a
+control phase and then frozen; LoRA training continues under it, with the lasso weight
+raised over the final steps so the LoRA weights of cut structures reach zero.
+
+The run folder is resumable: a killed run started again on the same folder continues
+from its last checkpoint with the same step count, data order and random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import LoraConfig
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from atp_ray.config import RunConfig
+from atp_ray.data.batches import BatchStream, build_splits
+from atp_ray.evaluation.evaluate import perplexity
+from atp_ray.pruning.losses import lora_group_lasso, ratio_loss
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import Masks, PruningSpace
+from atp_ray.runtime.modeling import enable_activation_checkpointing, load_model, load_tokenizer
+from atp_ray.runtime.process import CheckpointStore, FolderCheckpoints, ProcessContext
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
+from atp_ray.training.distillation import distillation_loss, teacher_logits
+from atp_ray.training.mask_sources import MASK_SOURCES, Workbench
+from atp_ray.training.memory_plan import GIB, ModelShape, resolve_checkpointing
+from atp_ray.training.strategy import strategy_from_config, use_bf16
+
+log = logging.getLogger(__name__)
+
+# Held-out blocks scored at the end of a run; enough for a stable mean, cheap on CPU.
+FINAL_EVAL_BLOCKS = 32
+
+
+StepHook = Callable[[int, Masks, dict[str, float]], None]
+
+
+def run_atp(
+    config: RunConfig,
+    run_dir: str | Path,
+    context: ProcessContext | None = None,
+    *,
+    checkpoints: CheckpointStore | None = None,
+    on_step: StepHook | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ATP into ``run_dir``; returns the run summary.
+
+    ``context`` is this process's place in a distributed run (default: one process);
+    ``checkpoints`` where resumable state goes (default: ``checkpoint.pt`` in the run
+    folder); ``on_step(step, masks, metrics)`` is called after every step on every rank.
+    """
+    context = context or ProcessContext.current(config.train.device)
+    recipe = ATPRecipe(config, Path(run_dir), context, checkpoints=checkpoints, on_step=on_step)
+    recipe.setup()
+    recipe.train()
+    return recipe.save()
+
+
+class ATPRecipe:
+    """The state of one run and its three stages."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        context: ProcessContext,
+        *,
+        checkpoints: CheckpointStore | None = None,
+        on_step: StepHook | None = None,
+    ):
+        self.config = config
+        self.folder = RunFolder(run_dir)
+        self.context = context
+        self.checkpoints = checkpoints or FolderCheckpoints(self.folder, context)
+        self.on_step = on_step
+        self.device = context.device
+
+    # -- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        self._prepare_folder()
+        torch.manual_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model.path)
+        splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+        rank, world = self.context.rank, self.context.world_size
+        self.train_stream = BatchStream(splits.train, cfg.train.batch_size, cfg.train.seed, rank, world)
+        self.calibration_stream = BatchStream(
+            splits.calibration, cfg.train.calibration_batch_size, cfg.train.seed + 1, rank, world
+        )
+        self.eval_blocks = splits.evaluation
+
+        self.strategy = strategy_from_config(cfg, self.context)
+        lora = LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
+        self.space = PruningSpace.from_config(self.model.config)
+        self.checkpointing = self._wants_checkpointing()
+        if self.checkpointing:
+            enable_activation_checkpointing(self.model)
+        # bf16 has one owner: the strategy's engine when it casts the model, else autocast here.
+        precision = "fp32" if self.strategy.owns_bf16 else cfg.train.precision
+        self.autocast = functools.partial(_autocast, precision, self.device)
+        bench = Workbench(self.model, self.space, self.context, self.autocast, self.calibration_stream,
+                          cfg.baseline.calibration_batches, self.strategy.gathered)  # fmt: skip
+        # A source scores units on the untuned model as it is built: before the engine casts the
+        # model, so under train.precision's autocast.
+        with _autocast(cfg.train.precision, self.device):
+            self.source = MASK_SOURCES[cfg.method](cfg, bench)
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
+        self.dense_params = sum(
+            getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters() if "lora_" not in n
+        )
+
+        self.lora_optimizer = torch.optim.AdamW(
+            self.lora_params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.lora_scheduler = torch.optim.lr_scheduler.LambdaLR(self.lora_optimizer, self._lora_lr_factor)
+        self.strategy.prepare(self.model, self.lora_params, self.lora_optimizer, self.lora_scheduler)
+
+        self.step = 0
+        self.log_window: list[dict[str, float]] = []  # per-step metrics since the last metrics row
+        self._resume()
+        if self.context.is_main:
+            _truncate_metrics(self.folder.metrics, self.step)
+
+    def _wants_checkpointing(self) -> bool:
+        """train.activation_checkpointing, auto resolved by the memory plan against this GPU's memory."""
+        gpu_memory_gib = None
+        if self.device.type == "cuda":
+            gpu_memory_gib = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        return resolve_checkpointing(self.config, ModelShape.from_config(self.model.config), gpu_memory_gib)
+
+    def _prepare_folder(self) -> None:
+        folder = self.folder
+        resolved = self.config.to_dict()
+        folder.check_can_run(resolved)
+        if self.context.is_main:
+            folder.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder.config, yaml.safe_dump(resolved, sort_keys=False).encode())
+
+    def _resume(self) -> None:
+        with self.checkpoints.restore() as restored:
+            if restored is None:
+                return
+            state, shards = restored
+            self.strategy.load(state, shards)
+        self.source.load_state_dict(state["source"])
+        self.step = state["step"]
+        # A checkpoint between two rows carries the steps already taken toward the next row.
+        self.log_window = state["log_window"]
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        log.info("resumed %s at step %d", self.folder.root, self.step)
+
+    # -- train -------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.config.train
+        progress = tqdm(
+            total=cfg.steps, initial=self.step, desc="ATP", disable=not self.context.is_main, dynamic_ncols=True
+        )
+        started = time.monotonic()
+        while self.step < cfg.steps:
+            masks, metrics = self.source.step(self.step, self._lora_step)
+            self.step += 1
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics |= self._held_out(self.source.current_masks())
+            if self.on_step is not None:
+                self.on_step(self.step, masks, metrics)
+            self.source.after_step(self.step)
+            metrics["noise_free_sparsity"] = self.source.noise_free_sparsity
+            self.log_window.append(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", sparsity=f"{metrics['sparsity']:.3f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(self.log_window, time.monotonic() - started)
+                self.log_window = []
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self._checkpoint()
+        progress.close()
+
+    def _lora_step(self, masks: Masks) -> dict[str, float]:
+        """One LoRA update on a training batch: task loss + weighted group lasso (+ weighted distillation)."""
+        self.model.train()
+        lasso_weight = self._lasso_weight()
+        distill = self.config.distill
+        lr = self.lora_scheduler.get_last_lr()[0]
+        accumulation = self.config.distributed.gradient_accumulation_steps
+        task_losses, distill_losses = [], []
+        for micro in range(accumulation):
+            batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
+            teacher = None
+            if distill.weight > 0:
+                # Before the mask's context: the teacher is the unmasked model. Every rank runs it
+                # (under ZeRO-3 its forward gathers the same shards as the student's).
+                with self.autocast():
+                    teacher = teacher_logits(self.model, batch, distill.teacher)
+            # Backward inside the mask's context: activation checkpointing recomputes layers there.
+            with masked(self.model, self.space, masks):
+                with self.autocast():
+                    output = self.model(**batch)
+                task_loss = output.loss
+                # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
+                # the lasso reads the same rows and columns as on one process.
+                with self.strategy.whole_params(self.lora_params):
+                    lasso = lora_group_lasso(self.model, self.space, masks)
+                loss = task_loss.float() + lasso_weight * lasso
+                if teacher is not None:
+                    kl = distillation_loss(output.logits, teacher, batch["labels"], distill.temperature, distill.top_k)
+                    loss = loss + distill.weight * kl
+                    distill_losses.append(kl.item())
+                self.strategy.backward(loss)
+            task_losses.append(task_loss.item())
+        self.strategy.step()  # average, clip, optimizer and scheduler step
+        metrics = {
+            "loss": sum(task_losses) / accumulation,
+            "sparsity": self.space.sparsity(masks),
+            "group_lasso": lasso.item(),
+            "lasso_weight": lasso_weight,
+            "lr": lr,
+            "generator_lr": self.config.atp.generator_lr,  # constant: the generator's optimizer has no schedule
+            "params": self._params_kept(masks),
+        }
+        if self.source.frozen is not None:  # how far the frozen mask is from the final budget
+            metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), 1.0 - self.config.atp.sparsity))
+        if distill_losses:
+            metrics["distill"] = sum(distill_losses) / accumulation  # the KL before its weight
+        return metrics
+
+    def _params_kept(self, masks: Masks) -> float:
+        """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
+        removed = self.space.prunable_params - float(self.space.kept_params(masks))
+        return float(self.dense_params - removed)
+
+    def _held_out(self, masks: Masks) -> dict[str, float]:
+        """Held-out loss and perplexity under ``masks``: the same measure as the run's final one."""
+        loss = self._evaluate(masks)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    # -- schedules ---------------------------------------------------------------------
+    def _lora_lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% of the peak over the run."""
+        cfg = self.config.train
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _lasso_weight(self) -> float:
+        """lambda, rising linearly to lambda x multiplier over the final ramp of the run."""
+        atp, steps = self.config.atp, self.config.train.steps
+        if not self.source.trains_generator:
+            return 0.0  # a mask fixed from step 0 has no lasso: cut units' LoRA weights are cut with them
+        ramp_start = steps * (1 - atp.lasso_ramp_fraction)
+        if atp.lasso_ramp_fraction == 0 or self.step < ramp_start:
+            return atp.lasso_weight
+        progress = (self.step + 1 - ramp_start) / (steps - ramp_start)
+        return atp.lasso_weight * (1 + (atp.lasso_final_multiplier - 1) * min(1.0, progress))
+
+    # -- logging and checkpoints -------------------------------------------------------
+    def _log(self, window: list[dict[str, float]], elapsed: float) -> None:
+        if not self.context.is_main:
+            return
+        phase = "control" if self.source.freeze_step is None else "frozen"
+        row: dict[str, Any] = {"step": self.step, "phase": phase}
+        for key in dict.fromkeys(k for m in window for k in m):  # eval keys appear on some steps only
+            values = [m[key] for m in window if key in m]
+            row[key] = sum(values) / len(values)
+        row["sparsity"] = window[-1]["sparsity"]  # achieved by the latest hard mask, not an average
+        row["noise_free_sparsity"] = window[-1]["noise_free_sparsity"]  # likewise, the latest
+        row["elapsed_s"] = round(elapsed, 2)
+        with open(self.folder.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _checkpoint(self) -> None:
+        """Every rank calls this: a sharded (ZeRO) save is collective; rank 0 writes the rest."""
+        state = None
+        if self.context.is_main:
+            state = {
+                "step": self.step,
+                **self.strategy.state_dict(),
+                "source": self.source.state_dict(),
+                "log_window": self.log_window,
+                "rng": torch.get_rng_state(),
+            }
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        self.checkpoints.save(self.step, state, self.strategy.save_shards)
+
+    # -- save --------------------------------------------------------------------------
+    def save(self) -> dict[str, Any]:
+        """Write mask, adapter, generator and summary (last, marking the run finished)."""
+        source = self.source
+        masks = source.frozen
+        held_out = self._held_out(masks)
+        summary = {
+            "target_sparsity": self.config.atp.sparsity,
+            "sparsity": self.space.sparsity(masks),
+            "kept_prunable_params": int(self.space.kept_params(masks)),
+            "prunable_params": self.space.prunable_params,
+            "freeze_step": source.freeze_step,
+            "sparsity_at_control_end": source.sparsity_at_control_end,
+            "reached_target": self.config.atp.sparsity - source.sparsity_at_control_end
+            <= self.config.atp.freeze_tolerance,
+            "steps": self.step,
+            "cpu_threads": torch.get_num_threads(),  # what a CPU run's speed depends on
+            "world_size": self.context.world_size,  # processes that trained it (Ray Train workers)
+            **held_out,
+        }
+        with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3
+            if self.context.is_main:
+                self._save_adapter()
+        if self.context.is_main:
+            self.folder.write_mask(self.space, {g: m.cpu() for g, m in masks.items()})
+            generator = source.generator.state_dict()
+            save_file({k: v.contiguous().cpu() for k, v in generator.items()}, self.folder.generator)
+            atomic_write_json(self.folder.summary, summary)
+            self.folder.checkpoint.unlink(missing_ok=True)
+        return summary
+
+    def _save_adapter(self) -> None:
+        partial = self.folder.adapter.with_name("adapter.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.model.save_pretrained(partial)
+        shutil.rmtree(self.folder.adapter, ignore_errors=True)
+        partial.rename(self.folder.adapter)
+
+    @torch.no_grad()
+    def _evaluate(self, masks: Masks) -> float:
+        """Mean target-token loss of the masked, tuned model on the first held-out blocks."""
+        self.model.eval()
+        blocks = self.eval_blocks.head(FINAL_EVAL_BLOCKS)
+        with self.autocast(), masked(self.model, self.space, masks):
+            return perplexity(self.model, blocks, self.config.train.batch_size).values["loss"]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked, or on 'auto' where the GPU supports it; else a no-op."""
+    if not use_bf16(precision, device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the step we (re)start from, so no step appears twice."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,85 @@
+"""Logit distillation for the LoRA step: the masked model learns the next-token distribution of a teacher.
+
+The teacher is the model being trained, run once more without a second copy of any weight:
+
+* ``inplace``  the same weights with the mask off and the current LoRA (the full network
+               teaching its sub-network, as in slimmable / once-for-all networks);
+* ``dense``    the untuned dense base model: the mask off and LoRA disabled (peft's
+               ``disable_adapter``), so the student is pulled towards what it started from.
+
+Either way the teacher's forward runs under ``torch.no_grad`` in eval mode (no dropout): it
+builds no autograd graph, adds no parameter and leaves the model's modes as it found them.
+It must run outside any ``masked`` context, since the mask hooks would mask it too.
+
+The loss is ``T^2 * KL(teacher_T || student_T)``, averaged over the target tokens (those
+whose label is not ignored), with ``_T`` the softmax at temperature ``T``; the ``T^2``
+keeps its gradient's scale independent of ``T`` (Hinton et al.). With ``top_k`` the
+teacher's distribution is restricted to its ``k`` most likely tokens and renormalised there,
+and the student's full-vocabulary log-probabilities are read on that support: what a
+cache of the teacher's top-k logits would give. Plain PyTorch: no Ray, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from atp_ray.data.batches import IGNORE_INDEX
+
+__all__ = ["TEACHERS", "distillation_loss", "teacher_logits"]
+
+# teacher name (config distill.teacher) -> the context in which the model plays that teacher.
+TEACHERS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]] = {
+    "inplace": lambda model: contextlib.nullcontext(),
+    "dense": lambda model: model.disable_adapter(),  # a peft model: the base weights alone
+}
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, batch: dict[str, Tensor], teacher: str) -> Tensor:
+    """The ``teacher``'s next-token logits on ``batch``, ``[batch, seq, vocab]``, without an autograd graph.
+
+    Runs ``model`` in eval mode (no LoRA dropout) and restores each module's mode after.
+    Call it outside ``masked``: the teacher is the unmasked model.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with TEACHERS[teacher](model):
+            # Without labels: the teacher's own loss would be computed for nothing.
+            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    top_k: int | None = None,
+) -> Tensor:
+    """``T^2`` x the mean over target tokens of KL(teacher || student) at temperature ``T``, in fp32.
+
+    Logits are ``[batch, seq, vocab]`` and ``labels`` ``[batch, seq]``, as a causal LM takes
+    them: the logits at position t predict label t + 1, and positions whose next label is
+    ``IGNORE_INDEX`` are left out. ``top_k`` (None = the whole vocabulary) restricts the
+    teacher to its k most likely tokens, renormalised; k at least the vocabulary is the full KL.
+    """
+    targets = labels[:, 1:] != IGNORE_INDEX
+    student = student_logits[:, :-1][targets].float() / temperature
+    teacher = teacher_logits[:, :-1][targets].float() / temperature
+    student_log_probs = student.log_softmax(-1)
+    if top_k is not None and top_k < teacher.shape[-1]:
+        values, support = teacher.topk(top_k, dim=-1)
+        teacher_log_probs = values.log_softmax(-1)
+        student_log_probs = student_log_probs.gather(-1, support)
+    else:
+        teacher_log_probs = teacher.log_softmax(-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+    # A batch without targets contributes zero, not the NaN of an empty mean.
+    return kl.sum() / targets.sum().clamp(min=1) * temperature**2

@@ -1,0 +1,339 @@
+"""Where a run's pruning mask comes from: one class per method, chosen by name from MASK_SOURCES.
+
+- ``atp`` (:class:`LearnedMasks`): ATP's generator learns the mask in a control phase,
+  steered onto the budget by :class:`~atp_ray.training.budget.BudgetController`, then freezes it.
+- ``two-step`` (:class:`FixedMasks`): units are scored once on the untuned model
+  (``baseline.importance``) and the best kept at ``atp.sparsity``; frozen from step 0.
+- ``lora`` (:class:`NoPruning`): every unit is kept, the dense LoRA reference.
+
+The recipe (atp_ray.training.atp) builds the source of its config's method, then each step hands it
+the LoRA step (a function of a mask) and gets back the step's mask and metrics. A source is
+built from the untuned model: that is when the fixed one scores units, and when the
+learned one scores its optional importance prior.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from atp_ray.pruning.generator import PruningGenerator, detach_masks
+from atp_ray.pruning.importance import IMPORTANCE, Gather, importance_masks, importance_prior
+from atp_ray.pruning.masking import masked
+from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup
+from atp_ray.pruning.widths import round_mlp_channels
+from atp_ray.runtime.modeling import eval_for_backward
+from atp_ray.training.budget import BudgetController
+
+if TYPE_CHECKING:
+    from atp_ray.config import RunConfig
+    from atp_ray.data.batches import BatchStream
+    from atp_ray.runtime.process import ProcessContext
+
+log = logging.getLogger(__name__)
+
+# One LoRA update under the given mask; returns the step's metrics.
+LoraStep = Callable[[Masks], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Workbench:
+    """What a mask source works with: the model being tuned and how this process runs it."""
+
+    model: nn.Module
+    space: PruningSpace
+    context: ProcessContext
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the precision of the training steps
+    calibration: BatchStream
+    calibration_count: int  # baseline.calibration_batches: what scores and the freeze check average over
+    gather: Gather  # makes parameters whole while scoring (the strategy's; ZeRO-3 shards them)
+
+    def calibration_batch(self, index: int) -> dict[str, Tensor]:
+        return {k: v.to(self.context.device) for k, v in self.calibration.batch(index).items()}
+
+    def calibration_batches(self) -> list[dict[str, Tensor]]:
+        """The first ``calibration_count`` calibration batches."""
+        return [self.calibration_batch(i) for i in range(self.calibration_count)]
+
+    @torch.no_grad()
+    def calibration_loss(self, masks: Masks) -> float:
+        """Mean loss of the masked model on the first calibration batches."""
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        with self.autocast(), masked(self.model, self.space, masks):
+            for batch in self.calibration_batches():
+                losses.append(self.model(**batch).loss.float())
+        self.model.train(was_training)
+        return torch.stack(losses).mean().item()
+
+
+class MaskSource:
+    """The masks LoRA is tuned under, from the run's first step to its frozen end."""
+
+    trains_generator: ClassVar[bool] = False  # whether the run has a control phase (and a group lasso)
+
+    def __init__(self, config: RunConfig, bench: Workbench, prior: Mapping[UnitGroup, Tensor] | None = None):
+        atp = config.atp
+        self.bench = bench
+        # Every run folder holds a generator; only the learned source trains it. (Building it also
+        # draws from the random stream that LoRA dropout draws from next, whatever the method.)
+        self.generator = PruningGenerator(
+            bench.space, width=atp.generator_width, temperature=atp.temperature, base=atp.base, prior=prior
+        ).to(bench.context.device)
+        self.frozen: dict[UnitGroup, Tensor] | None = None
+        self.freeze_step: int | None = None
+        self.sparsity_at_control_end: float | None = None
+        self.noise_free_sparsity = 0.0  # of the mask the generator would emit without noise
+
+    def step(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+        """The mask of training step ``step`` and the step's metrics (the LoRA step's among them)."""
+        if self.frozen is not None:
+            return self.frozen, lora_step(self.frozen)
+        return self._control(step, lora_step)
+
+    def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} is frozen from the start")
+
+    def after_step(self, step: int) -> None:
+        """Called once ``step`` steps are done: where the mask may freeze."""
+
+    def current_masks(self) -> Masks:
+        """The mask the run would end with if it froze now."""
+        return self.frozen
+
+    def _freeze(self, masks: dict[UnitGroup, Tensor], step: int) -> None:
+        self.frozen = masks
+        self.freeze_step = step
+        self.noise_free_sparsity = self.bench.space.sparsity(masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        space = self.bench.space
+        return {
+            "generator": self.generator.state_dict(),
+            "frozen_masks": space.masks_to_dict(self.frozen) if self.frozen is not None else None,
+            "freeze_step": self.freeze_step,
+            "sparsity_at_control_end": self.sparsity_at_control_end,
+            "noise_free_sparsity": self.noise_free_sparsity,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        if state["frozen_masks"] is not None:
+            masks = self.bench.space.masks_from_dict(state["frozen_masks"])
+            self.frozen = {g: m.to(self.bench.context.device) for g, m in masks.items()}
+        self.freeze_step = state["freeze_step"]
+        self.sparsity_at_control_end = state["sparsity_at_control_end"]
+        self.noise_free_sparsity = state["noise_free_sparsity"]
+
+
+class FixedMasks(MaskSource):
+    """two-step: prune, then tune. Units scored once on the first calibration batches
+    (``baseline.importance``), the best kept at ``atp.sparsity``, uniform per layer."""
+
+    def __init__(self, config: RunConfig, bench: Workbench):
+        masks = self.choose(config, bench)
+        super().__init__(config, bench)
+        self._freeze(masks, step=0)
+        self.sparsity_at_control_end = self.noise_free_sparsity
+
+    @staticmethod
+    def choose(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor]:
+        masks = importance_masks(
+            bench.model,
+            bench.space,
+            config.atp.sparsity,
+            IMPORTANCE[config.baseline.importance],
+            bench.calibration_batches(),
+            config.atp.mlp_channel_multiple,
+            bench.gather,
+        )
+        log.info("%s mask (%s): sparsity %.4f", config.method, config.baseline.importance, bench.space.sparsity(masks))
+        return bench.context.broadcast_masks(masks)  # ranks scored different calibration shards
+
+
+class NoPruning(FixedMasks):
+    """lora: every unit kept, the dense reference."""
+
+    @staticmethod
+    def choose(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor]:
+        return {g: m.to(bench.context.device) for g, m in bench.space.full_masks().items()}
+
+
+class LearnedMasks(MaskSource):
+    """ATP: the generator learns the mask under the budget controller, then freezes it.
+
+    Each control step first trains the generator (LLM and LoRA frozen) on a calibration
+    batch against task loss + budget terms, then samples a hard mask for the LoRA step
+    (``atp.control_step=joint`` instead takes the generator's task-loss gradient from the
+    LoRA step's own backward pass). After each step the budget controller says whether the
+    generator's noise-free mask freezes; the frozen mask must pass the freeze check.
+    """
+
+    trains_generator = True
+
+    def __init__(self, config: RunConfig, bench: Workbench):
+        super().__init__(config, bench, prior=self._prior(config, bench))
+        self.atp = config.atp
+        self.seed = config.train.seed
+        self.max_grad_norm = config.train.max_grad_norm
+        self.budget = BudgetController.from_settings(config.atp, config.train.steps)
+        self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.atp.generator_lr)
+
+    @staticmethod
+    def _prior(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor] | None:
+        """ATP's optional start: Taylor scores of the untuned model rank each layer's units (atp.importance_prior).
+
+        Off by default; configs/embedded.yaml sets 3 with two calibration blocks, which there lowered
+        held-out perplexity at 20/40/60% on two seeds, kept the quiz, and made the demo run cheaper
+        (docs/results.md: ATP's own cost). Under ZeRO-3 the scores read one gathered layer at a time.
+        """
+        if config.atp.importance_prior == 0:
+            return None
+        scores = IMPORTANCE["taylor"].score(bench.model, bench.space, bench.calibration_batches(), bench.gather)
+        prior = importance_prior(bench.space, scores, config.atp.importance_prior)
+        return bench.context.broadcast_masks(prior)  # per-unit tensors like masks: rank 0's shard decides
+
+    # -- control steps -------------------------------------------------------------------
+    def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+        if step % self.atp.generator_every != 0:
+            masks = self._sample(step)
+            return masks, lora_step(masks)
+        if self.atp.control_step == "joint":
+            masks, metrics = self._joint_step(step, lora_step)
+        else:
+            metrics = self._generator_step(step)
+            masks = self._sample(step)
+            metrics |= lora_step(masks)
+        self.budget.track_loss(metrics["generator_loss"])
+        return masks, metrics
+
+    def _generator_step(self, step: int) -> dict[str, float]:
+        """One generator update on a calibration batch; LLM and LoRA stay frozen."""
+        bench = self.bench
+        self.generator.train()
+        eval_for_backward(bench.model)  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
+        masks = self.generator(self._noise(step, 0))
+        batch = bench.calibration_batch(step)
+        # Backward inside the mask's context: activation checkpointing recomputes layers there.
+        with masked(bench.model, bench.space, masks):
+            with bench.autocast():
+                task_loss = bench.model(**batch).loss
+            budget, metrics = self.budget.loss(bench.space.kept_fraction(masks), step)
+            # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
+            # it and must not see it toggled) and gets no .grad from this pass.
+            params = list(self.generator.parameters())
+            grads = torch.autograd.grad(task_loss.float() + budget, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        self._update_generator()
+        return {"generator_loss": task_loss.item(), **metrics}
+
+    def _joint_step(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+        """One LoRA update whose backward pass also gives the generator its task-loss gradient.
+
+        The sampled mask enters the LLM as a leaf tensor: the LoRA step's backward leaves
+        d(task loss)/d(mask) in its .grad, which is then carried back through the generator
+        with the budget terms. One forward and backward of the LLM per control step instead
+        of two; the generator sees training batches (not calibration ones) under LoRA
+        dropout, and updates at the same time as LoRA rather than just before it.
+        """
+        self.generator.train()
+        masks = self.generator(self._noise(step, 0))  # the same on every rank: same weights, same noise
+        leaves = {g: m.detach().requires_grad_() for g, m in masks.items()}
+        metrics = lora_step(leaves)
+        budget, budget_metrics = self.budget.loss(self.bench.space.kept_fraction(masks), step)
+        # The strategy's backward already divided each micro-batch's loss by the accumulation.
+        torch.autograd.backward([budget, *masks.values()], [None, *(leaf.grad for leaf in leaves.values())])
+        self._update_generator()
+        return detach_masks(leaves), {"generator_loss": metrics["loss"], **metrics, **budget_metrics}
+
+    def _update_generator(self) -> None:
+        """Average the generator's gradients over ranks, clip and step (it stays replicated)."""
+        params = list(self.generator.parameters())
+        self.bench.context.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _sample(self, step: int) -> dict[UnitGroup, Tensor]:
+        """A noisy hard mask from the generator for one LoRA step, the same on every rank."""
+        self.generator.train()
+        with torch.no_grad():
+            masks = detach_masks(self.generator(self._noise(step, 1)))
+        return self.bench.context.broadcast_masks(masks)
+
+    def _noise(self, step: int, stream: int) -> torch.Generator:
+        # Mask noise depends only on (seed, step, which draw): identical on every rank and after resume.
+        seed = (self.seed * 1_000_003 + step) * 2 + stream
+        return torch.Generator(device=self.bench.context.device).manual_seed(seed)
+
+    # -- the freeze ----------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        """Freeze the mask when the budget controller says so and the freeze check passes."""
+        if self.frozen is not None:
+            return
+        space = self.bench.space
+        self.noise_free_sparsity = space.sparsity(self.generator.deterministic_masks())
+        if not self.budget.freeze_due(step, self.noise_free_sparsity):
+            return
+        masks = self.generator.masks_at_sparsity(self.budget.freeze_sparsity(self.noise_free_sparsity))
+        masks = round_mlp_channels(space, masks, self.atp.mlp_channel_multiple, self.generator.logits())
+        masks = self.bench.context.broadcast_masks(masks)
+        if not self._passes_freeze_check(step, masks):
+            return
+        if not self.budget.reachable(self.noise_free_sparsity):
+            log.warning(
+                "control ended at step %d with noise-free sparsity %.4f, %.4f short of the target %.4f "
+                "(tolerance %.4f): freezing at most the tolerance nearer, the run misses its target",
+                step, self.noise_free_sparsity, self.atp.sparsity - self.noise_free_sparsity, self.atp.sparsity,
+                self.atp.freeze_tolerance,
+            )
+        self.sparsity_at_control_end = self.noise_free_sparsity
+        self._freeze(masks, step)
+        log.info("mask frozen at step %d: sparsity %.4f", step, self.noise_free_sparsity)
+
+    def _passes_freeze_check(self, step: int, masks: Masks) -> bool:
+        """Whether freezing onto ``masks`` keeps the loss near the control loss (atp.freeze_loss_ratio)."""
+        budget = self.budget
+        if not budget.checks_freeze:
+            return True
+        loss = self.bench.calibration_loss(masks)
+        ratio = self.bench.context.broadcast_value(loss / budget.control_loss)  # ranks score their own batches
+        if not budget.accepts_freeze(step, ratio):
+            log.info("freeze postponed at step %d: the mask's loss %.3f is %.2fx the control loss", step, loss, ratio)
+            return False
+        if ratio > budget.loss_ratio:
+            log.warning(
+                "freeze at step %d (end of the control extension) raises the loss to %.3f, %.2fx the control "
+                "loss %.3f (atp.freeze_loss_ratio %.2f): the run may not recover",
+                step, loss, ratio, budget.control_loss, budget.loss_ratio,
+            )
+        else:
+            log.info("freeze check at step %d: loss %.3f, %.2fx the control loss", step, loss, ratio)
+        return True
+
+    def current_masks(self) -> Masks:
+        """The frozen mask, else the freeze's cut of the generator's mask now."""
+        if self.frozen is not None:
+            return self.frozen
+        cut = self.generator.masks_at_sparsity(self.budget.freeze_sparsity(self.noise_free_sparsity))
+        return self.bench.context.broadcast_masks(cut)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"optimizer": self.optimizer.state_dict(), "budget": self.budget.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.budget.load_state_dict(state["budget"])
+
+
+# THE list of methods: config validation (RunConfig.method) reads its choices from here.
+MASK_SOURCES: dict[str, type[MaskSource]] = {"atp": LearnedMasks, "two-step": FixedMasks, "lora": NoPruning}
