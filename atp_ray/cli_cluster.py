@@ -11,6 +11,13 @@ from atp_ray.cluster.local import MAX_LOCAL_ROOT_CHARS, local_down, local_up
 from atp_ray.cluster.verbs import cloud_down, cloud_up, export_model, fetch_report, resume_search, submit_search
 
 
+def _holds_resumable_search(out: Path) -> bool:
+    # Imported here: the search brings torch and Ray, which `atp-ray --help` should not wait for.
+    from atp_ray.search.tuner import holds_resumable_search
+
+    return holds_resumable_search(out)
+
+
 # One handler per verb; ``atp-ray``'s main calls ``args.handler(args)``.
 _HANDLERS = {
     "up": lambda a: cloud_up(a.cluster, yes=a.yes),
@@ -20,7 +27,13 @@ _HANDLERS = {
     ),
     "local-down": lambda a: local_down(a.root),
     "submit": lambda a: submit_search(
-        open_cluster(a.cluster), a.space, out=a.out, trials=a.trials, overrides=a.overrides, wait=a.wait
+        open_cluster(a.cluster),
+        a.space,
+        out=a.out,
+        trials=a.trials,
+        overrides=a.overrides,
+        wait=a.wait,
+        resumable=_holds_resumable_search,
     ),
     "resume": lambda a: resume_search(open_cluster(a.cluster), a.experiment, retry_failed=a.retry_failed, wait=a.wait),
     "report": lambda a: fetch_report(open_cluster(a.cluster), a.experiment, Path(a.to) if a.to else None),

@@ -321,7 +321,11 @@ def test_search_resumes_on_a_new_head_after_its_head_is_lost(tiny_model_dir, tmp
         assert "RUNNING" not in states and states.count("COMPLETE") == 3, states
 
         # Submitting to the same experiment again resumes it: nothing runs, nothing is replaced.
-        job_id, where = verbs.submit_search(second, "search_spaces/demo.yaml", out=str(out))
+        from atp_ray.search.tuner import holds_resumable_search
+
+        job_id, where = verbs.submit_search(
+            second, "search_spaces/demo.yaml", out=str(out), resumable=holds_resumable_search
+        )
         assert where == str(out) and job_id.startswith("resume-")
         status = jobs.wait_for_job(second, job_id, timeout_s=600)
         assert sorted(p.name for p in trials.iterdir()) == sorted(table.trial_id)

@@ -3,7 +3,7 @@ a report or an export as a Ray job (the last two copy their result back here).""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from atp_ray.cluster.clusters import CloudCluster, Cluster, is_uri
@@ -31,16 +31,19 @@ def submit_search(
     overrides: Sequence[str] = (),
     commands: JobCommands = JobCommands(),
     wait: bool = False,
+    resumable: Callable[[Path], bool] | None = None,
 ) -> tuple[str, str]:
     """Submit a search as a Ray job; returns (job id, experiment dir).
 
     An ``out`` that already holds a search with Tune state (one stopped, or whose head was
     lost) is resumed instead, as ``resume`` would (the space, trials and overrides given are
     not used: the experiment keeps its own), so no second search writes into its folder. That
-    is checked here when ``out`` is readable from this machine (the local cluster, a mounted
-    share); otherwise the job's ``atp-ray search`` refuses the folder and names ``resume``.
+    is checked here, by ``resumable`` (the command line passes
+    :func:`atp_ray.search.tuner.holds_resumable_search`; the cluster package imports nothing of
+    the search), when ``out`` is readable from this machine (the local cluster, a mounted share);
+    otherwise the job's ``atp-ray search`` refuses the folder and names ``resume``.
     """
-    if out is not None and not is_uri(out) and _holds_resumable_search(Path(out)):
+    if out is not None and not is_uri(out) and resumable is not None and resumable(Path(out)):
         print(f"{out} already holds a search: resuming it (its own space and budget) instead of starting another")
         return resume_search(cluster, out, commands=commands, wait=wait), out
     root = project_root()
@@ -55,21 +58,6 @@ def submit_search(
     job_id = submit_job(cluster, command, job_name=f"search-{Path(experiment).name}", wait=wait)
     print(f"experiment: {experiment}\n  resume it:  atp-ray cluster resume {experiment} --cluster {_spec(cluster)}")
     return job_id, experiment
-
-
-def _holds_resumable_search(out: Path) -> bool:
-    """Whether ``out`` is an experiment folder with Tune state to resume from."""
-    # Imported here: the experiment brings torch, which `atp-ray --help` should not wait for.
-    from atp_ray.errors import ATPRayError
-    from atp_ray.search.experiment import SEARCH_FILE, Experiment
-    from atp_ray.search.tuner import tune_state_saved
-
-    if not (out / SEARCH_FILE).is_file():
-        return False
-    try:
-        return tune_state_saved(Experiment.open(out))
-    except (ATPRayError, OSError, ValueError):  # a damaged search.json, a bucket we lack access to
-        return False  # the job's `atp-ray search` says what is wrong
 
 
 def resume_search(

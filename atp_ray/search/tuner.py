@@ -22,9 +22,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from atp_ray.cluster.config import DRIVER_RESOURCE
 from atp_ray.config import load_config
-from atp_ray.errors import ExperimentError
+from atp_ray.errors import ATPRayError, ExperimentError
 from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
-from atp_ray.search.experiment import TUNE_NAME, Experiment
+from atp_ray.search.experiment import SEARCH_FILE, TUNE_NAME, Experiment
 from atp_ray.search.samplers import SamplerFactory
 from atp_ray.search.space import SearchSpace
 from atp_ray.search.trial import TrialDiverged, TrialFolder, run_trial
@@ -395,6 +395,16 @@ def open_to_resume(root: str | Path) -> Experiment:
 def tune_state_saved(experiment: Experiment) -> bool:
     """Whether Tune has saved the experiment's state (in its storage, which may be a bucket)."""
     return tune.Tuner.can_restore(experiment.tune_path)
+
+
+def holds_resumable_search(out: Path) -> bool:
+    """Whether ``out`` is an experiment folder with Tune state to resume from."""
+    if not (out / SEARCH_FILE).is_file():
+        return False
+    try:
+        return tune_state_saved(Experiment.open(out))
+    except (ATPRayError, OSError, ValueError):  # a damaged search.json, a bucket we lack access to
+        return False  # the job's `atp-ray search` says what is wrong
 
 
 def run_search(experiment: Experiment) -> Any:
