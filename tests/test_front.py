@@ -73,3 +73,14 @@ def test_bad_input_names_the_field(values, modes, match):
 def test_bad_reference_is_rejected():
     with pytest.raises(ValueError, match="reference"):
         hypervolume(POINTS, MIN_MIN, [6.0])
+
+
+def test_hypervolume_history_of_trials_with_several_points_counts_each_trial_once():
+    # Trial x holds a and c, trial y holds b and d (an elastic trial has a point per budget);
+    # the duplicate e and the NaN row belong to a third trial z.
+    groups = ["x", "y", "x", "y", "z", "z"]
+    history = hypervolume_history(POINTS, MIN_MIN, [6, 6], groups=groups)
+    # x: a and c: 5 + (6-3) x (5-3) = 11; + y (b, d): 18; z adds nothing.
+    assert history.tolist() == pytest.approx([11.0, 18.0, 18.0])
+    with pytest.raises(ValueError, match="groups"):
+        hypervolume_history(POINTS, MIN_MIN, [6, 6], groups=["x"])

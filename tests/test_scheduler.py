@@ -32,6 +32,57 @@ def test_rule_follows_modes():
     assert not rung_decision(values, 1, ["min", "min"], eta=3)
 
 
+def test_a_trial_with_several_points_stands_in_the_front_of_its_best_and_counts_once():
+    # Trial x has two points: (1, 5) on the front and (6, 6) in front 1. y has (5, 1) on the
+    # front; z has (7, 7) and (8, 8), in fronts 2 and 3. Counted by trials: none beats x or y;
+    # x and y (2 of 3 trials) beat z.
+    values = np.array([[1, 5], [6, 6], [5, 1], [7, 7], [8, 8]], dtype=float)
+    owners = ["x", "x", "y", "z", "z"]
+    decisions = [rung_decision(values, i, MIN_MIN, eta=3, owners=owners) for i in range(5)]
+    assert decisions == [False, False, False, True, True]  # one answer per trial, whichever row is asked
+    # eta 1.45: stop only when more than 69% of the trials beat it. Counted by points, z's
+    # (8, 8) would lie behind 4 of 5 rows (80%) and stop; counted by trials it is 2 of 3 (67%).
+    assert not rung_decision(values, 4, MIN_MIN, eta=1.45, owners=owners)
+    assert rung_decision(values, 4, MIN_MIN, eta=1.45)  # each row a trial of its own
+    with pytest.raises(ValueError, match="owners"):
+        rung_decision(values, 0, MIN_MIN, eta=3, owners=["x"])
+
+
+def test_an_elastic_trial_goes_on_while_any_of_its_points_is_on_the_rung_front(tmp_path):
+    path = tmp_path / "rungs.jsonl"
+    rungs = ParetoRungs(MIN_MIN, grace=1, eta=3, record_path=path)
+    assert not rungs.on_result("a", 1, [2, 2])
+    # e's mean (3, 5) is dominated by a, yet its point (1, 5) trades off against a: it goes on.
+    assert not rungs.on_result("e", 1, [3, 5], points=[[1, 5], [5, 5]])
+    # f's points are both dominated by a: a and e (2 of 3) beat its best one. Stopped.
+    assert rungs.on_result("f", 1, [3.5, 3.5], points=[[3, 3], [4, 4]])
+    assert rungs.rungs[0]["e"] == ((1, 5), (5, 5)) and rungs.rungs[0]["a"] == ((2, 2),)
+    # The record file keeps the points: a resumed search judges against them.
+    with open(path, "a") as f:  # a record written before elastic trials existed (no "points")
+        f.write('{"trial_id": "old", "rung": 0, "step": 1.0, "values": [9, 9], "stopped": false}\n')
+    resumed = ParetoRungs(MIN_MIN, grace=1, eta=3, record_path=path)
+    assert resumed.rungs[0] == {**rungs.rungs[0], "old": ((9, 9),)} and set(resumed.stopped) == {"f"}
+    assert not resumed.on_result("g", 1, [0, 9])  # trades off against a and e's (1, 5)
+
+
+def test_the_scheduler_reads_an_elastic_trial_s_points_from_its_budget_keys(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler = ParetoEarlyStopping(["loss", "size"], MIN_MIN, time_attr="step", grace=1, eta=3)
+    single = {"step": 1, "loss": 2.0, "size": 2.0}
+    elastic = {"step": 1, "loss": 3.0, "size": 5.0, "loss@0.2": 1.0, "size@0.2": 5.0, "loss@0.5": 5.0, "size@0.5": 5.0}
+    assert scheduler._points(single) is None
+    assert scheduler._points(elastic) == [[1.0, 5.0], [5.0, 5.0]]
+    assert scheduler._points({**elastic, "size@0.5": float("nan")}) is None
+    trial = SimpleNamespace
+    assert scheduler.on_trial_result(None, trial(trial_id="a"), single) == TrialScheduler.CONTINUE
+    # judged by its mean alone it would stop (dominated by a); by its points it goes on
+    assert scheduler.on_trial_result(None, trial(trial_id="e"), elastic) == TrialScheduler.CONTINUE
+    assert scheduler.rungs.rungs[0]["e"] == ((1.0, 5.0), (5.0, 5.0))
+
+
 def test_rungs_sit_at_grace_times_powers_of_eta():
     rungs = ParetoRungs(MIN_MIN, grace=2, eta=3)
     assert [rungs.rung_at(s) for s in (1, 2, 5, 6, 17, 18, 54)] == [None, 0, 0, 1, 1, 2, 3]

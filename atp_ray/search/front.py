@@ -1,8 +1,10 @@
 """The Pareto front and its hypervolume, on plain arrays (no Ray, no trials).
 
-Every function takes ``values`` of shape ``[n_trials, n_objectives]`` and one mode per
-objective, ``"min"`` or ``"max"``. A row with any NaN (a trial that has not finished, failed or
-was stopped before reporting) is never on the front and adds no hypervolume. The dominance test
+Every function takes ``values`` of shape ``[n_points, n_objectives]`` and one mode per
+objective, ``"min"`` or ``"max"``. A point is one trial's model, or, for an elastic trial (one
+pruned model per sparsity budget), one of its budgets: the front is over points, so an
+elastic trial may put several of its models on it. A row with any NaN (a trial that has not
+finished, failed or was stopped before reporting) is never on the front and adds no hypervolume. The dominance test
 and the hypervolume come from moocore (exact algorithms, maintained); this module only handles
 the modes, the NaN rows and the reference point.
 """
@@ -106,11 +108,22 @@ def reference_point(values: np.ndarray, modes: Sequence[str], margin: float = 0.
     return worst + direction * margin * span
 
 
-def hypervolume_history(values: np.ndarray, modes: Sequence[str], reference: Sequence[float]) -> np.ndarray:
-    """Hypervolume of the first ``i + 1`` rows, for each row ``i`` (rows in trial order).
+def hypervolume_history(
+    values: np.ndarray, modes: Sequence[str], reference: Sequence[float], groups: Sequence | None = None
+) -> np.ndarray:
+    """Hypervolume after each trial, in trial order.
 
-    A NaN row (not completed) repeats the previous value, so the curve is flat there and never
-    decreases.
+    Without ``groups`` each row is a trial: entry ``i`` is the hypervolume of rows ``0..i``.
+    With ``groups`` (one trial label per row; an elastic trial has a row per budget) there is
+    one entry per distinct label, in order of first appearance: the hypervolume of every row
+    whose trial came at or before it. A NaN row (not completed) adds nothing, so the curve is
+    flat there and never decreases.
     """
     values, _ = _check(values, modes)
-    return np.array([hypervolume(values[: i + 1], modes, reference) for i in range(len(values))])
+    if groups is None:
+        return np.array([hypervolume(values[: i + 1], modes, reference) for i in range(len(values))])
+    if len(groups) != len(values):
+        raise ValueError(f"groups: expected one label per row ({len(values)}), got {len(groups)}")
+    order = {label: i for i, label in enumerate(dict.fromkeys(groups))}  # first appearance
+    position = np.array([order[label] for label in groups], dtype=int)
+    return np.array([hypervolume(values[position <= i], modes, reference) for i in range(len(order))])

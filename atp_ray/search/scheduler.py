@@ -7,13 +7,18 @@ The rule (after Syne Tune's MOASHA with non-dominated sorting, Schmucker et al. 
   intermediate objectives (only at the highest rung its step reaches; a rung skipped between
   two reports stays without it). Trials that finish are recorded too, with their final
   report, but never judged.
-* At that moment the vectors recorded at the rung (this trial included, ``n`` of them) are
+* At that moment the vectors recorded at the rung (this trial included, ``n`` trials) are
   sorted into non-dominated fronts (front 0 is the Pareto front, front 1 the front of the
   rest, ...; a vector with a NaN goes after every finite one). Let ``better`` be the number of
   recorded trials in a strictly better front than this trial.
 * The trial is stopped when ``better / n > 1 / eta``, i.e. when it cannot be in the best
   ``1 / eta`` of the trials seen at that rung whatever order ties are put in. A trial on the
   rung's Pareto front is never stopped, and neither is the first trial at a rung.
+* An elastic trial (one model per sparsity budget) reports one vector per budget, its
+  *points*. All points at a rung are sorted together, a trial stands in the front of its best
+  point, and ``better`` and ``n`` count trials, not points: so a trial goes on while any one
+  of its points is on the rung's front, and is stopped only when even its best point is beaten
+  by more than ``1 / eta`` of the trials. With one point per trial this is the rule above.
 
 ``rung_decision`` is that rule on plain arrays; ``ParetoRungs`` is the bookkeeping (which
 trial is recorded at which rung, which were stopped), also without Ray; ``ParetoEarlyStopping``
@@ -42,25 +47,44 @@ from atp_ray.search.front import MODES, pareto_ranks
 __all__ = ["rung_decision", "RungRecord", "ParetoRungs", "ParetoEarlyStopping", "read_stopped"]
 
 
-def rung_decision(values: np.ndarray, index: int, modes: Sequence[str], eta: float) -> bool:
-    """True when row ``index`` of ``values`` (all vectors recorded at one rung) is to be stopped.
+def rung_decision(
+    values: np.ndarray, index: int, modes: Sequence[str], eta: float, owners: Sequence | None = None
+) -> bool:
+    """True when the trial owning row ``index`` of ``values`` (all points recorded at one rung)
+    is to be stopped.
 
-    See the module docstring for the rule. ``values`` is ``[n_trials, n_objectives]``.
+    See the module docstring for the rule. ``values`` is ``[n_points, n_objectives]``;
+    ``owners`` names the trial of each row (default: every row is a trial of its own), so a
+    trial with several points stands in the front of its best one and counts once.
     """
     ranks = pareto_ranks(values, modes)
-    better = int((ranks < ranks[index]).sum())
-    return better / len(ranks) > 1.0 / eta
+    owners = np.arange(len(ranks)) if owners is None else np.asarray(owners, dtype=object)
+    if len(owners) != len(ranks):
+        raise ValueError(f"owners: expected one trial per row ({len(ranks)}), got {len(owners)}")
+    best = {owner: ranks[owners == owner].min() for owner in dict.fromkeys(owners.tolist())}
+    better = sum(int(rank < best[owners[index]]) for rank in best.values())
+    return better / len(best) > 1.0 / eta
 
 
 @dataclass(frozen=True)
 class RungRecord:
-    """One trial recorded at one rung: where, with what vector, and whether it was stopped there."""
+    """One trial recorded at one rung: where, with what vector, and whether it was stopped there.
+
+    ``points`` holds an elastic trial's vectors, one per budget (``values`` is then the vector
+    Tune's plain metrics carry, each objective's mean over the budgets); None for a trial with
+    one model, whose only point is ``values``.
+    """
 
     trial_id: str
     rung: int
     step: float
     values: tuple[float, ...]
     stopped: bool
+    points: tuple[tuple[float, ...], ...] | None = None
+
+    def vectors(self) -> tuple[tuple[float, ...], ...]:
+        """The points the rule judges this trial by."""
+        return self.points if self.points is not None else (self.values,)
 
 
 class ParetoRungs:
@@ -83,7 +107,7 @@ class ParetoRungs:
             raise ValueError(f"eta: the reduction factor must be > 1, got {eta}")
         self.modes, self.grace, self.eta = list(modes), grace, eta
         self.record_path = Path(record_path) if record_path is not None else None
-        self.rungs: dict[int, dict[str, tuple[float, ...]]] = {}
+        self.rungs: dict[int, dict[str, tuple[tuple[float, ...], ...]]] = {}  # rung -> trial -> its points
         self.stopped: dict[str, RungRecord] = {}
         self._replay()
 
@@ -122,13 +146,24 @@ class ParetoRungs:
         # Guard the float log at exact powers: the rung must really be <= step.
         return k - 1 if self.grace * self.eta**k > step else k
 
-    def on_result(self, trial_id: str, step: float, values: Sequence[float], decide: bool = True) -> bool:
+    def on_result(
+        self,
+        trial_id: str,
+        step: float,
+        values: Sequence[float],
+        decide: bool = True,
+        points: Sequence[Sequence[float]] | None = None,
+    ) -> bool:
         """Record a report; return True when the trial must stop (never when ``decide`` is False).
 
-        A trial stopped before is told to stop again at once (see the module docstring).
+        ``points``: an elastic trial's vectors, one per budget (it is judged by them; see the
+        module docstring). A trial stopped before is told to stop again at once.
         """
-        if len(values) != len(self.modes):
-            raise ValueError(f"values: expected {len(self.modes)} objectives, got {list(values)}")
+        for vector in [values, *(points or [])]:
+            if len(vector) != len(self.modes):
+                raise ValueError(f"values: expected {len(self.modes)} objectives, got {list(vector)}")
+        if points is not None and not len(points):
+            raise ValueError("points: an elastic trial reports at least one point, got none")
         k = self.rung_at(step)
         # Only the highest rung reached counts: rungs skipped between two reports stay without
         # this trial (its later vector would not be comparable there), and a rung already
@@ -140,10 +175,14 @@ class ParetoRungs:
         if k is None or trial_id in self.rungs.get(k, {}):
             return False
         vector = tuple(float(v) for v in values)
+        mine = None if points is None else tuple(tuple(float(v) for v in p) for p in points)
         recorded = self.rungs.get(k, {})
-        matrix = np.array([*recorded.values(), vector], dtype=float)
-        stop = decide and rung_decision(matrix, len(matrix) - 1, self.modes, self.eta)
-        record = RungRecord(trial_id, k, float(step), vector, stop)
+        rows = [(owner, p) for owner, vectors in recorded.items() for p in vectors]
+        rows += [(trial_id, p) for p in (mine or (vector,))]
+        matrix = np.array([p for _, p in rows], dtype=float)
+        owners = [owner for owner, _ in rows]
+        stop = decide and rung_decision(matrix, len(matrix) - 1, self.modes, self.eta, owners)
+        record = RungRecord(trial_id, k, float(step), vector, stop, mine)
         self._remember(record)
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +191,7 @@ class ParetoRungs:
         return stop
 
     def _remember(self, record: RungRecord) -> None:
-        self.rungs.setdefault(record.rung, {})[record.trial_id] = tuple(record.values)
+        self.rungs.setdefault(record.rung, {})[record.trial_id] = record.vectors()
         if record.stopped:
             self.stopped[record.trial_id] = record
 
@@ -165,7 +204,9 @@ def _read_records(path: Path) -> list[RungRecord]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records.append(RungRecord(**{**row, "values": tuple(row["values"])}))
+            points = row.get("points")  # absent in records written before elastic trials
+            points = None if points is None else tuple(tuple(p) for p in points)
+            records.append(RungRecord(**{**row, "values": tuple(row["values"]), "points": points}))
     return records
 
 
@@ -219,18 +260,26 @@ class ParetoEarlyStopping(FIFOScheduler):
         vector = [result[m] for m in self.metrics]
         return vector if all(math.isfinite(v) for v in vector) else None  # a diverged trial ranks nowhere
 
-    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+    def _points(self, result: Mapping) -> list[list[float]] | None:
+        """An elastic trial's vectors, one per budget, from its ``<metric>@<budget>`` keys (None
+        for a trial with one model, or when a budget lacks a metric or a value is not finite)."""
+        prefix = self.metrics[0] + "@"
+        budgets = sorted(key.removeprefix(prefix) for key in result if key.startswith(prefix))
+        points = [[result.get(f"{m}@{b}", math.nan) for m in self.metrics] for b in budgets]
+        return points if points and all(math.isfinite(v) for p in points for v in p) else None
+
+    def _record(self, trial: Trial, result: Mapping, decide: bool) -> bool:
         vector = self._vector(result)
         if vector is None:
-            return TrialScheduler.CONTINUE
-        stop = self.rungs.on_result(trial.trial_id, result[self.time_attr], vector)
-        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
+            return False
+        return self.rungs.on_result(trial.trial_id, result[self.time_attr], vector, decide, self._points(result))
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        return TrialScheduler.STOP if self._record(trial, result, decide=True) else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         # A finished trial's last report joins the rung it reached, for later trials to face.
-        vector = self._vector(result or {})
-        if vector is not None:
-            self.rungs.on_result(trial.trial_id, result[self.time_attr], vector, decide=False)
+        self._record(trial, result or {}, decide=False)
 
     def debug_string(self) -> str:
         return f"Using ParetoEarlyStopping (MO-ASHA): {len(self.stopped)} trial(s) stopped"
