@@ -134,9 +134,103 @@ def test_report_of_a_search_with_nothing_completed(tmp_path):
         (lambda t: t, {**OBJECTIVES, "accuracy": "max"}, r"missing column\(s\) \['obj.accuracy'\]"),
         (lambda t: t.assign(status="DONE"), OBJECTIVES, "'status' must be one of"),
         (lambda t: t, {**OBJECTIVES, "params": "smallest"}, "mode must be one of"),
-        (lambda t: t.assign(trial_id="same"), OBJECTIVES, "trial_id must be unique"),
+        (lambda t: t.assign(trial_id="same"), OBJECTIVES, r"\(trial_id, budget\) must be unique, repeated \['same'\]"),
+        (lambda t: t.assign(trial_id="e", budget=0.2), OBJECTIVES, r"repeated \['e@0.2'\]"),
+        (lambda t: t.assign(status=["DENSE"] * 2 + ["COMPLETED"] * 6), OBJECTIVES, "at most one DENSE row"),
     ],
 )
 def test_bad_table_names_the_problem(change, objectives, match):
     with pytest.raises(ValueError, match=match):
         prepare_report(change(synthetic_table()), objectives, {})
+
+
+# -- an elastic search: several points per trial, and the dense model as a reference ----------
+
+
+def elastic_table() -> pd.DataFrame:
+    """Two elastic trials of three budgets, a trial with one model, a failed elastic trial, the dense model.
+
+    Among the completed points, e2@0.2 is dominated by e1@0.2, e1@0.4 by e2@0.4 and e2@0.6 by
+    e1@0.6; s1 trades off against every other. The dense model (perplexity 8) would beat every
+    perplexity but is a reference: never on the front, never in the hypervolume.
+    """
+    rows = [
+        ("e1", 0.2, "COMPLETED", 10, 100, 5),
+        ("e1", 0.4, "COMPLETED", 14, 70, 4),
+        ("e1", 0.6, "COMPLETED", 30, 50, 3),
+        ("e2", 0.2, "COMPLETED", 11, 100, 5),
+        ("e2", 0.4, "COMPLETED", 13, 70, 4),
+        ("e2", 0.6, "COMPLETED", 40, 50, 3),
+        ("s1", math.nan, "COMPLETED", 12, 60, 6),
+        ("f1", 0.2, "FAILED", math.nan, math.nan, math.nan),
+        ("f1", 0.6, "FAILED", math.nan, math.nan, math.nan),
+        ("dense", math.nan, "DENSE", 8, 130, 7),
+    ]
+    table = pd.DataFrame(rows, columns=["trial_id", "budget", "status", "obj.perplexity", "obj.params", "obj.latency_ms"])
+    lasso = {"e1": 0.01, "e2": 0.001, "s1": 0.1, "f1": 0.05, "dense": math.nan}
+    table["knob.atp.lasso_weight"] = table.trial_id.map(lasso)
+    completed = table.status == "COMPLETED"
+    table["model_path"] = [
+        f"/exp/{t}/compressed" + (f"/sparsity-{b:g}" if b == b else "") if c else None
+        for t, b, c in zip(table.trial_id, table.budget, completed)
+    ]
+    table["run_dir"] = [f"/exp/{t}/run" for t in table.trial_id]
+    table["wall_time_s"] = 60.0
+    table["failure_reason"] = [None] * 7 + ["diverged at step 2"] * 2 + [None]
+    return table
+
+
+def elastic_curves() -> dict[str, pd.DataFrame]:
+    steps = np.arange(0, 21, 2)
+    return {t: pd.DataFrame({"step": steps, "loss": 3.0 - 0.05 * steps, "sparsity": 0.02 * steps}) for t in ("e1", "e2", "s1", "f1")}
+
+
+@pytest.fixture(scope="module")
+def elastic_report(tmp_path_factory):
+    table = elastic_table()
+    out = tmp_path_factory.mktemp("elastic-report")
+    summary = write_report(table, OBJECTIVES, elastic_curves(), out)
+    return table, out, summary
+
+
+def test_the_front_holds_several_budgets_of_one_trial_and_never_the_dense_model(elastic_report):
+    _, out, summary = elastic_report
+    assert summary.front == ["e1@0.2", "e1@0.6", "e2@0.4", "s1"]
+    front = pd.read_csv(out / "front.csv")
+    assert front.trial_id.tolist() == ["e1", "e1", "e2", "s1"]
+    assert front.budget.tolist()[:3] == [0.2, 0.6, 0.4] and math.isnan(front.budget.iloc[3])
+    assert front.model_path.tolist()[:2] == ["/exp/e1/compressed/sparsity-0.2", "/exp/e1/compressed/sparsity-0.6"]
+    saved = pd.read_csv(out / "trials.csv")
+    assert saved.point.tolist()[:3] == ["e1@0.2", "e1@0.4", "e1@0.6"] and saved.point.iloc[-1] == "dense"
+    assert not saved.on_front[saved.status == "DENSE"].any()
+
+
+def test_trials_are_counted_once_and_the_hypervolume_grows_per_trial(elastic_report):
+    table, _, summary = elastic_report
+    assert summary.by_status == {"COMPLETED": 3, "RUNNING": 0, "PENDING": 0, "FAILED": 1, "STOPPED": 0}
+    assert "Pareto front: 4 point(s) of 3 trial(s): e1@0.2, e1@0.6, e2@0.4, s1" in summary.text()
+    # The reference point and the hypervolume come from the completed points only (not the dense model).
+    assert summary.reference == pytest.approx([43.0, 105.0, 6.3])
+    completed = table[table.status == "COMPLETED"][["obj.perplexity", "obj.params", "obj.latency_ms"]].to_numpy()
+    assert summary.hypervolume == pytest.approx(hypervolume(completed, ["min"] * 3, summary.reference))
+    data = prepare_report(table, OBJECTIVES, elastic_curves())
+    assert data.history.trial_id.tolist() == ["e1", "e2", "s1"]  # one entry per trial, not per point
+    e1_alone = hypervolume(completed[:3], ["min"] * 3, summary.reference)
+    assert data.history.hypervolume.tolist() == pytest.approx([e1_alone, hypervolume(completed[:6], ["min"] * 3, summary.reference), summary.hypervolume])
+    assert data.curves.trial_id.tolist() == [t for t in ("e1", "e2", "s1", "f1") for _ in range(11)]  # each curve once
+
+
+def test_the_dense_model_is_named_in_the_summary_and_the_page(elastic_report):
+    _, out, summary = elastic_report
+    assert summary.dense == {"perplexity": 8.0, "params": 130.0, "latency_ms": 7.0}
+    assert "dense model (before pruning): perplexity=8, params=130, latency_ms=7" in summary.text()
+    page = (out / "report.html").read_text()
+    assert "the red star" in page and "budget (target sparsity)" in page  # the budget colours the front too
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_a_dense_row_or_budgets_the_report_says_nothing_of_them(report):
+    _, out, summary = report
+    assert summary.dense is None and "dense" not in summary.text()
+    assert "red star" not in (out / "report.html").read_text()
+    assert pd.read_csv(out / "front.csv").budget.isna().all()

@@ -19,7 +19,7 @@ import pytest
 
 from atp_ray.search.report import write_report
 
-from test_report import OBJECTIVES, synthetic_curves, synthetic_table
+from test_report import OBJECTIVES, elastic_curves, elastic_table, synthetic_curves, synthetic_table
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -86,24 +86,36 @@ def open_report(browser: Any, report_html: Path) -> OpenReport:
     return report
 
 
-def front_markers(page: Any) -> dict[str, bool]:
-    """Trial id -> whether the front plot draws it as a front member (a diamond), read from the SVG.
-
-    Every panel must draw a trial the same way; each point's trial id comes from its hover text.
-    """
+def _drawn_points(page: Any) -> list[tuple[str, str, str]]:
+    """Every point drawn on the front panels: (its name from the hover text, SVG path, fill)."""
     drawn = page.evaluate(
         """() => {
             const gd = document.getElementById('front');
             return Array.from(gd.querySelectorAll('.scatterlayer .trace')).flatMap((trace, k) =>
-                Array.from(trace.querySelectorAll('.point')).map(p => [gd.data[k].hovertext[p.__data__.i], p.getAttribute('d')]));
+                Array.from(trace.querySelectorAll('.point')).map(p =>
+                    [gd.data[k].hovertext[p.__data__.i], p.getAttribute('d'), p.style.fill]));
         }"""
     )
+    return [(re.match(r"<b>(.*?)</b>", hover).group(1), path, fill) for hover, path, fill in drawn]
+
+
+def front_markers(page: Any) -> dict[str, bool]:
+    """Point (trial id, or trial@budget) -> whether the front plot draws it as a front member (a
+    diamond), read from the SVG. The dense model's star is left out (see ``dense_stars``).
+
+    Every panel must draw a point the same way; each point's name comes from its hover text.
+    """
     markers: dict[str, set[bool]] = {}
-    for hover, path in drawn:
-        trial_id = re.match(r"<b>(.*?)</b>", hover).group(1)
-        markers.setdefault(trial_id, set()).add(bool(DIAMOND.fullmatch(path)))
+    for name, path, _ in _drawn_points(page):
+        if name != "dense":
+            markers.setdefault(name, set()).add(bool(DIAMOND.fullmatch(path)))
     assert all(len(kinds) == 1 for kinds in markers.values()), markers
     return {trial_id: kinds.pop() for trial_id, kinds in markers.items()}
+
+
+def dense_stars(page: Any) -> list[tuple[str, str]]:
+    """The dense model's markers on the front panels: (SVG path, fill) of each."""
+    return [(path, fill) for name, path, fill in _drawn_points(page) if name == "dense"]
 
 
 def front_table_ids(page: Any) -> list[str]:
@@ -138,4 +150,33 @@ def test_report_renders_in_chromium(browser, tmp_path):
 
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert problems == [] and external == []
+    page.close()
+
+
+def test_an_elastic_report_draws_each_budget_as_a_point_and_the_dense_model_on_every_panel(browser, tmp_path):
+    table = elastic_table()
+    write_report(table, OBJECTIVES, elastic_curves(), tmp_path)
+    report = open_report(browser, tmp_path / "report.html")
+    page = report.page
+    front = pd.read_csv(tmp_path / "front.csv")
+    points = [f"{t}@{b:g}" if b == b else t for t, b in zip(front.trial_id, front.budget)]
+    completed = table[table.status == "COMPLETED"]
+    names = [f"{t}@{b:g}" if b == b else t for t, b in zip(completed.trial_id, completed.budget)]
+    assert front_markers(page) == {n: n in points for n in names}  # every budget its own point
+    pairs = 3
+    stars = dense_stars(page)
+    assert len(stars) == pairs and {fill for _, fill in stars} == {"rgb(214, 39, 40)"}  # a red star on every panel
+    assert not any(DIAMOND.fullmatch(path) for path, _ in stars)
+    assert "dense model" in page.locator("table.summary").inner_text()
+    assert front_table_ids(page) == front.trial_id.tolist()
+
+    # Colour by budget: the trials' points take three colours (0.2, 0.4, 0.6; s1 has none); the star keeps its own.
+    page.locator("#front .updatemenu-header-group").click()
+    page.locator("#front .updatemenu-dropdown-button", has_text="budget").click()
+    page.wait_for_function("document.querySelector('#front .cbtitle').textContent.includes('budget')")
+    fills = {name: fill for name, _, fill in _drawn_points(page)}
+    assert len({fills[n] for n in names if "@" in n}) == 3
+    assert {fill for _, fill in dense_stars(page)} == {fill for _, fill in stars}
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert report.problems == [] and report.external == []
     page.close()

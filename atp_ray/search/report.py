@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from atp_ray.search.report_data import STATUSES, ReportSummary, prepare_report
+from atp_ray.search.report_data import BUDGET, ReportSummary, prepare_report
 from atp_ray.search.report_html import render_html
 from atp_ray.search.report_png import render_pngs
 
@@ -41,10 +41,13 @@ def write_report(
     """Write the search report into ``out_dir`` and return its summary.
 
     Args:
-        table: one row per trial: ``trial_id`` (str), ``status`` (one of ``STATUSES``), knob
-            columns ``knob.<dotted.key>``, objective columns ``obj.<name>`` (float, NaN when
-            missing), ``model_path``, ``run_dir``, ``wall_time_s``, ``failure_reason``; rows in
-            trial order (the hypervolume history follows it).
+        table: one row per trial, or per (trial, budget) for an elastic trial: ``trial_id``
+            (str), optional ``budget`` (the row's sparsity budget; NaN or absent for a trial with
+            one model), ``status`` (one of ``STATUSES``), knob columns ``knob.<dotted.key>``,
+            objective columns ``obj.<name>`` (float, NaN when missing), ``model_path``,
+            ``run_dir``, ``wall_time_s``, ``failure_reason``; rows in trial order (the
+            hypervolume history follows it). At most one row may have status ``DENSE``: the
+            dense model the search started from, drawn on every front panel as a reference.
         objectives: objective name -> "min" or "max".
         curves: trial id -> that trial's metrics.jsonl rows (``step``, ``loss``, ``sparsity``, ...).
         out_dir: created if needed; receives trials.parquet, trials.csv, front.csv,
@@ -58,17 +61,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     data.trials.to_parquet(out_dir / "trials.parquet", index=False)
     data.trials.to_csv(out_dir / "trials.csv", index=False)
-    front_cols = ["trial_id", *data.objective_columns, *data.knobs, "model_path", "run_dir", "wall_time_s"]
+    front_cols = ["trial_id", BUDGET, *data.objective_columns, *data.knobs, "model_path", "run_dir", "wall_time_s"]
     data.front[front_cols].to_csv(out_dir / "front.csv", index=False)
-    summary = ReportSummary(
-        out_dir=out_dir,
-        by_status={s: int((data.trials["status"] == s).sum()) for s in STATUSES},
-        front=data.front["trial_id"].tolist(),
-        hypervolume=data.hypervolume,
-        reference=None if data.reference is None else data.reference.tolist(),
-        objectives=data.objectives,
-        running=running,
-    )
+    summary = data.summary(out_dir)
     _write_text(out_dir / "report.html", render_html(data, summary))
     pngs = render_pngs(data, out_dir)
     return replace(summary, files=[out_dir / n for n in ("trials.parquet", "trials.csv", "front.csv", "report.html")] + pngs)

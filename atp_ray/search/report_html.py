@@ -19,7 +19,8 @@ from atp_ray.search.report_data import ReportData, ReportSummary
 
 __all__ = ["render_html"]
 
-FRONT_SYMBOL, OTHER_SYMBOL = "diamond", "circle"
+FRONT_SYMBOL, OTHER_SYMBOL, DENSE_SYMBOL = "diamond", "circle", "star"
+DENSE_COLOUR = "#d62728"  # the dense model's star on every front panel (report_png.DENSE_COLOUR)
 COLOUR_MAP = "Viridis"  # the PNGs use the same (report_png.COLOUR_MAP)
 LINE_DASH = {"COMPLETED": "solid", "RUNNING": "dot", "STOPPED": "dash", "FAILED": "dashdot", "PENDING": "dot"}
 STYLE = """
@@ -40,9 +41,9 @@ def _fmt(value) -> str:
 
 
 def _hover(data: ReportData, rows: pd.DataFrame) -> list[str]:
-    columns = [*data.objective_columns, *data.knobs]
+    columns = [*(["budget"] if data.elastic else []), *data.objective_columns, *data.knobs]
     return [
-        "<br>".join([f"<b>{_fmt(r['trial_id'])}</b>"] + [f"{html.escape(c)}: {_fmt(r[c])}" for c in columns])
+        "<br>".join([f"<b>{_fmt(r['point'])}</b>"] + [f"{html.escape(c)}: {_fmt(r[c])}" for c in columns])
         for r in rows.to_dict("records")
     ]
 
@@ -51,18 +52,34 @@ def _colour_arrays(data: ReportData, rows: pd.Index) -> dict[str, list]:
     return {knob: np.asarray(scale.values)[rows].tolist() for knob, scale in data.colours.items()}
 
 
-def front_figure(data: ReportData) -> go.Figure:
-    """One scatter per pair of objectives of the completed trials, coloured by a chosen knob.
+def _dense_trace(data: ReportData, x: str, y: str) -> go.Scatter | None:
+    """The dense model as a labelled star, when both its values on these axes are known."""
+    dense = data.dense
+    if dense is None or not (np.isfinite(dense[x]) and np.isfinite(dense[y])):
+        return None
+    hover = "<br>".join(
+        ["<b>dense</b>", "the model before tuning and pruning"] + [f"{html.escape(c)}: {_fmt(dense[c])}" for c in data.objective_columns]
+    )
+    return go.Scatter(
+        x=[dense[x]], y=[dense[y]], mode="markers+text", text=["dense"], textposition="top center",
+        marker=dict(symbol=DENSE_SYMBOL, size=18, color=DENSE_COLOUR, line=dict(width=1, color="#222")),
+        hovertext=[hover], hoverinfo="text", showlegend=False, name="dense model",
+    )
 
-    Front members are diamonds with a dark outline; a dropdown picks the knob that colours
-    every panel (one shared colour axis).
+
+def front_figure(data: ReportData) -> go.Figure:
+    """One scatter per pair of objectives of the completed trials' points, coloured by a chosen knob.
+
+    Front members are diamonds with a dark outline; a dropdown picks the knob (or, in an
+    elastic search, the budget) that colours every panel (one shared colour axis). The dense
+    model, when measured, is a red star on every panel.
     """
     pairs = data.objective_pairs()
     completed = data.completed
     rows = completed.index
     fig = make_subplots(rows=1, cols=max(1, len(pairs)), horizontal_spacing=0.08)
     colours = _colour_arrays(data, rows)
-    first = data.knobs[0] if data.knobs else None
+    first = data.colour_columns[0] if data.colour_columns else None
     marker = dict(
         size=np.where(completed["on_front"], 13, 9).tolist(),
         symbol=np.where(completed["on_front"], FRONT_SYMBOL, OTHER_SYMBOL).tolist(),
@@ -71,26 +88,32 @@ def front_figure(data: ReportData) -> go.Figure:
     if first:
         marker.update(color=colours[first], coloraxis="coloraxis")
     hover = _hover(data, completed)
+    points: list[int] = []  # the indices of the trials' traces (the dropdown recolours only those)
     for col, (x, y) in enumerate(pairs or [(data.objective_columns[0], data.objective_columns[0])], start=1):
+        points.append(len(fig.data))
         fig.add_trace(
             go.Scatter(x=completed[x], y=completed[y], mode="markers", marker=marker, hovertext=hover, hoverinfo="text", showlegend=False),
             row=1,
             col=col,
         )
+        dense = _dense_trace(data, x, y)
+        if dense is not None:
+            fig.add_trace(dense, row=1, col=col)
         fig.update_xaxes(title_text=data.axis_label(x), row=1, col=col)
         fig.update_yaxes(title_text=data.axis_label(y), row=1, col=col)
     if first:
         fig.update_layout(coloraxis=_colour_axis(data, first))
         buttons = [
             dict(
-                label=data.colours[knob].title,
+                label=data.colours[column].title,
                 method="update",
-                args=[{"marker.color": [colours[knob]] * len(fig.data)}, {"coloraxis": _colour_axis(data, knob)}],
+                args=[{"marker.color": [colours[column]] * len(points)}, {"coloraxis": _colour_axis(data, column)}, points],
             )
-            for knob in data.knobs
+            for column in data.colour_columns
         ]
         fig.update_layout(updatemenus=[dict(buttons=buttons, x=0, xanchor="left", y=1.18, yanchor="top", showactive=True)])
-    fig.update_layout(height=460, margin=dict(t=90), title=dict(text="colour by knob:" if first else "", x=0, y=0.98))
+    title = ("colour by knob or budget:" if data.elastic else "colour by knob:") if first else ""
+    fig.update_layout(height=460, margin=dict(t=90), title=dict(text=title, x=0, y=0.98))
     return fig
 
 
@@ -140,7 +163,8 @@ def hypervolume_figure(data: ReportData) -> go.Figure:
 
 
 def _front_table(data: ReportData) -> str:
-    columns = ["trial_id", *data.objective_columns, *data.knobs, "model_path", "wall_time_s"]
+    budget = ["budget"] if data.elastic else []
+    columns = ["trial_id", *budget, *data.objective_columns, *data.knobs, "model_path", "wall_time_s"]
     front = data.front[columns]
     if front.empty:
         return '<p class="note">No completed trial yet.</p>'
@@ -156,7 +180,10 @@ def _summary(summary: ReportSummary) -> str:
         ref = ", ".join(f"{html.escape(n)} = {v:.6g}" for n, v in zip(summary.objectives, summary.reference))
         hv = f"{summary.hypervolume:.6g} &nbsp; <span class='note'>reference point: {ref}</span>"
     goals = ", ".join(f"{html.escape(n)} ({m})" for n, m in summary.objectives.items())
-    rows = [("trials", counts), ("objectives", goals), ("Pareto front", f"{len(summary.front)} trial(s)"), ("hypervolume", hv)]
+    rows = [("trials", counts), ("objectives", goals), ("Pareto front", summary.front_text()), ("hypervolume", hv)]
+    if summary.dense is not None:
+        dense = ", ".join(f"{html.escape(n)} = {v:.6g}" for n, v in summary.dense.items())
+        rows.append(("dense model", f"{dense} &nbsp; <span class='note'>before tuning and pruning: the red star</span>"))
     return "<table class='summary'>" + "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 
@@ -181,8 +208,9 @@ def render_html(data: ReportData, summary: ReportSummary) -> str:
 {banner}
 {_summary(summary)}
 <h2>Pareto front</h2>
-<p class="note">Completed trials only; diamonds with a dark outline are on the Pareto front.
-Stopped, failed and running trials are never on it.</p>
+<p class="note">Completed trials only{' (one point per budget of an elastic trial, named trial@budget)' if data.elastic else ''};
+diamonds with a dark outline are on the Pareto front. Stopped, failed and running trials are never on it.
+{'The red star is the dense model the search started from: what pruning cost.' if data.dense is not None else ''}</p>
 {_div(front_figure(data), "front")}
 <h2>Front models</h2>
 {_front_table(data)}
