@@ -52,7 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
         check_ray_address(args.address or os.environ.get("RAY_ADDRESS"))
         summary = run_distributed(config, out, address=args.address)
-    print(f"run finished: {out}  sparsity={summary['sparsity']:.4f}  eval_loss={summary['eval_loss']:.4f}")
+    for key, outcome in summary.get("budgets", {"": summary}).items():
+        budget = f"  budget={key}" if key else ""
+        print(f"run finished: {out}{budget}  sparsity={outcome['sparsity']:.4f}  eval_loss={outcome['eval_loss']:.4f}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -241,8 +241,43 @@ class TaskConfig(_Section):
         return self
 
 
+def _budgets_from_range(value: dict[str, Any]) -> list[float]:
+    """``{range: [lo, hi], points: n}``: n evenly spaced budgets, both ends included."""
+    unknown = set(value) - {"range", "points"}
+    if unknown or "range" not in value:
+        raise ValueError(f"a sparsity range is {{range: [lo, hi], points: n}}, got {value!r}")
+    bounds, points = value["range"], value.get("points", DEFAULT_RANGE_POINTS)
+    if not (isinstance(bounds, list) and len(bounds) == 2 and isinstance(points, int) and points >= 2):
+        raise ValueError(f"a sparsity range needs range: [lo, hi] and points >= 2, got {value!r}")
+    low, high = (float(b) for b in bounds)
+    return [low + (high - low) * i / (points - 1) for i in range(points)]
+
+
+# Budgets of ``atp.sparsity: {range: [lo, hi]}`` when points is not given: 0.2..0.6 in steps of 0.1.
+DEFAULT_RANGE_POINTS = 5
+
+
 class ATPSettings(_Section):
-    sparsity: float = Field(0.3, ge=0, le=0.95, description="target fraction of prunable parameters removed")
+    sparsity: float = Field(
+        0.3,
+        ge=0,
+        le=0.95,
+        description="target fraction of prunable parameters removed; a list or {range: [lo, hi], points: n} "
+        "trains one elastic run for every budget (then this is the largest)",
+    )
+    sparsities: list[Annotated[float, Field(gt=0, le=0.95)]] | None = Field(
+        None,
+        description="the budgets of an elastic run, ascending (set by giving atp.sparsity a list or a range)",
+    )
+    budget_draw: Literal["sandwich", "cycle"] = Field(
+        "sandwich",
+        description="elastic runs: which budget each step trains: sandwich (smallest, largest, a random one, "
+        "in turn) or cycle (every budget in turn)",
+    )
+    nested: bool = Field(
+        True,
+        description="elastic runs: a unit cut at one budget is cut at every larger one (one LoRA fits all sizes)",
+    )
     ratio_weight: float = Field(5.0, gt=0, description="alpha: weight of the parameter-ratio loss")
     lasso_weight: float = Field(0.01, ge=0, description="lambda: weight of the LoRA group lasso")
     lasso_final_multiplier: float = Field(
@@ -308,6 +343,49 @@ class ATPSettings(_Section):
     mlp_channel_multiple: int = Field(
         1, gt=0, description="kept MLP channels per layer rounded to a multiple of this when the mask is frozen"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_budgets(cls, data: Any) -> Any:
+        """A list or a range given as atp.sparsity becomes atp.sparsities; atp.sparsity is then the largest."""
+        if not isinstance(data, dict) or not isinstance(data.get("sparsity"), (list, dict)):
+            return data
+        given = data["sparsity"]
+        budgets = _budgets_from_range(given) if isinstance(given, dict) else given
+        if data.get("sparsities") is not None:
+            raise ValueError("give the budgets once: as atp.sparsity (a list or a range), not also as atp.sparsities")
+        if not all(isinstance(b, (int, float)) for b in budgets):
+            raise ValueError(f"sparsity budgets must be numbers, got {budgets!r}")
+        return {**data, "sparsities": budgets, "sparsity": round(max(budgets, default=0.0), 4)}
+
+    @field_validator("sparsities")
+    @classmethod
+    def _ascending_distinct(cls, budgets: list[float] | None) -> list[float] | None:
+        if budgets is None:
+            return None
+        distinct = sorted({round(float(b), 4) for b in budgets})
+        if len(distinct) < 2:
+            raise ValueError(f"an elastic run needs at least 2 distinct budgets, got {budgets}")
+        return distinct
+
+    @model_validator(mode="after")
+    def _largest_budget_is_sparsity(self) -> ATPSettings:
+        if self.sparsities is not None and self.sparsity != self.sparsities[-1]:
+            raise ValueError(
+                f"atp.sparsity {self.sparsity} must be the largest of atp.sparsities {self.sparsities}: "
+                "give the budgets as atp.sparsity alone (a list or a range)"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """Whether one run trains the generator for several budgets."""
+        return self.sparsities is not None
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        """The sparsity budgets the run trains for, ascending (one for a single run)."""
+        return tuple(self.sparsities) if self.sparsities is not None else (self.sparsity,)
 
     @model_validator(mode="after")
     def _ramp_after_control(self) -> ATPSettings:
@@ -461,6 +539,15 @@ class RunConfig(_Section):
     distill: DistillSettings = Field(default_factory=DistillSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _elastic_needs_generator(self) -> RunConfig:
+        if self.atp.elastic and self.method != "atp":
+            raise ValueError(
+                f"several sparsity budgets ({self.atp.sparsities}) need method atp, whose generator takes the "
+                f"budget as an input; method {self.method!r} prunes to one atp.sparsity"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distill_teacher_differs(self) -> RunConfig:

@@ -4,10 +4,15 @@ A fixed, orthogonally initialised code per decoder layer goes through a small tr
 encoder over the layer axis, so that decisions of different layers can inform each other;
 one bias-free linear head per (layer, unit kind) maps to that group's unit count. Only
 those heads depend on the model's shape, so one design serves any model size.
+
+An elastic run's generator also reads its sparsity budget: the budget moves every layer's
+encoded state along one learned direction, so each unit's logit moves linearly with the
+budget and one generator emits a mask for each size (see docs/method.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -62,6 +67,7 @@ class PruningGenerator(nn.Module):
         temperature: float = 0.4,
         base: float = 3.0,
         prior: Mapping[UnitGroup, Tensor] | None = None,
+        budgets: tuple[float, ...] | None = None,
     ):
         super().__init__()
         self.space = space
@@ -71,6 +77,15 @@ class PruningGenerator(nn.Module):
         nn.init.orthogonal_(codes)
         # A fixed input: trainable codes would let the generator memorise without the encoder.
         self.register_buffer("layer_codes", codes)
+        self.conditioned = budgets is not None
+        if self.conditioned:
+            # Zero at first, so every budget starts from the same decisions (and no random draw
+            # is added: a single run's stream stays as it was). Budgets enter scaled to [-1, 1]
+            # over their range. Added before the encoder instead, the shift barely moved the logits.
+            self.budget_direction = nn.Parameter(torch.zeros(width))
+            low, high = min(budgets), max(budgets)
+            self.register_buffer("budget_centre", torch.tensor((low + high) / 2))
+            self.register_buffer("budget_half_range", torch.tensor(max(high - low, 1e-6) / 2))
         block = nn.TransformerEncoderLayer(
             width, num_heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
         )
@@ -82,15 +97,22 @@ class PruningGenerator(nn.Module):
         for group, offsets in (prior or {}).items():
             self.register_buffer(f"prior_{_head_key(group)}", offsets.detach().clone())
 
-    def logits(self) -> dict[UnitGroup, Tensor]:
-        """One logit per unit, keyed by unit group."""
+    def logits(self, budget: float | None = None) -> dict[UnitGroup, Tensor]:
+        """One logit per unit, keyed by unit group; a conditioned generator's at sparsity ``budget``."""
         hidden = self.norm(self.encoder(self.layer_codes.unsqueeze(0)).squeeze(0))  # [layers, width]
+        if self.conditioned != (budget is not None):
+            want = "a sparsity budget" if self.conditioned else "no budget (it was built for one)"
+            raise ValueError(f"this generator takes {want}")
+        if budget is not None:  # along one learned direction, by the budget scaled to [-1, 1]
+            hidden = hidden + (budget - self.budget_centre) / self.budget_half_range * self.budget_direction
         logits = {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
         if self.has_prior:
             logits = {g: logit + getattr(self, f"prior_{_head_key(g)}") for g, logit in logits.items()}
         return logits
 
-    def forward(self, generator: torch.Generator | None = None) -> dict[UnitGroup, Tensor]:
+    def forward(
+        self, generator: torch.Generator | None = None, budget: float | None = None
+    ) -> dict[UnitGroup, Tensor]:
         """Hard masks with straight-through gradients; noisy only in training mode."""
         return {
             g: binarize(
@@ -100,23 +122,28 @@ class PruningGenerator(nn.Module):
                 stochastic=self.training,
                 generator=generator,
             )
-            for g, logit in self.logits().items()
+            for g, logit in self.logits(budget).items()
         }
 
     @torch.no_grad()
-    def deterministic_masks(self) -> dict[UnitGroup, Tensor]:
+    def deterministic_masks(self, budget: float | None = None) -> dict[UnitGroup, Tensor]:
         """The noise-free hard mask."""
-        return _shifted_masks(self.logits(), 0.0, self.temperature, self.base)
+        return _shifted_masks(self.logits(budget), 0.0, self.temperature, self.base)
 
     @torch.no_grad()
-    def masks_at_sparsity(self, sparsity: float, iterations: int = 40) -> dict[UnitGroup, Tensor]:
+    def masks_at_sparsity(
+        self, sparsity: float, iterations: int = 40, *, budget: float | None = None, within: Masks | None = None
+    ) -> dict[UnitGroup, Tensor]:
         """The noise-free mask whose sparsity is closest to ``sparsity``: the one frozen and exported.
 
         The generator's noise-free decisions drift from the budget that its noisy samples
         were trained to meet; one global logit offset, found by bisection, keeps its
-        ranking of units and hits the budget up to the granularity of one unit.
+        ranking of units and hits the budget up to the granularity of one unit. ``within``
+        (a mask of a smaller budget) nests the result: a unit it cuts stays cut.
         """
-        logits = self.logits()
+        logits = self.logits(budget)
+        if within is not None:
+            logits = {g: logit.masked_fill(within[g] == 0, -math.inf) for g, logit in logits.items()}
         masks_at = lambda offset: _shifted_masks(logits, offset, self.temperature, self.base)  # noqa: E731
         low, high = -_OFFSET_RANGE, _OFFSET_RANGE  # a higher offset keeps more units
         for _ in range(iterations):

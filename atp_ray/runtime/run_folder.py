@@ -3,7 +3,7 @@
     config.yaml           the resolved run config
     metrics.jsonl         one row per logged step
     checkpoint.pt         latest resumable training state (tensors only: weights_only loads)
-    mask.json             the final, noise-free hard mask and its sparsity
+    mask.json             the final, noise-free hard mask and its sparsity (an elastic run: one per budget)
     adapter/              the LoRA adapter in peft format
     generator.safetensors the generator's weights
     summary.json          written last: its presence means the run finished
@@ -22,6 +22,20 @@ import yaml
 
 from atp_ray.errors import RunFolderError
 from atp_ray.pruning.structures import PruningSpace, UnitGroup
+
+
+def budget_key(sparsity: float) -> str:
+    """How a sparsity budget is named in files and metrics: "0.2", "0.35"."""
+    return f"{round(sparsity, 4):g}"
+
+
+# How far a single run's achieved sparsity may be from a budget asked of it (one MLP channel is
+# far below this on any supported model; a frozen mask hits its budget to one unit).
+BUDGET_MATCH = 0.01
+
+
+def _mask_json(space: PruningSpace, masks: dict[UnitGroup, torch.Tensor]) -> dict[str, Any]:
+    return {"sparsity": space.sparsity(masks), "groups": space.masks_to_dict(masks)}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -115,10 +129,31 @@ class RunFolder:
         return yaml.safe_load(self.config.read_text())
 
     def write_mask(self, space: PruningSpace, masks: dict[UnitGroup, torch.Tensor]) -> None:
-        atomic_write_json(self.mask, {"sparsity": space.sparsity(masks), "groups": space.masks_to_dict(masks)})
+        atomic_write_json(self.mask, _mask_json(space, masks))
 
-    def read_mask(self, space: PruningSpace) -> dict[UnitGroup, torch.Tensor]:
-        return space.masks_from_dict(json.loads(self.mask.read_text())["groups"])
+    def write_budget_masks(self, space: PruningSpace, masks: dict[float, dict[UnitGroup, torch.Tensor]]) -> None:
+        """An elastic run's masks, one per sparsity budget."""
+        budgets = {budget_key(b): _mask_json(space, m) for b, m in sorted(masks.items())}
+        atomic_write_json(self.mask, {"budgets": budgets})
+
+    def mask_budgets(self) -> list[float] | None:
+        """The budgets of an elastic run's masks, ascending; None for a single run."""
+        saved = json.loads(self.mask.read_text())
+        return sorted(float(key) for key in saved["budgets"]) if "budgets" in saved else None
+
+    def read_mask(self, space: PruningSpace, budget: float | None = None) -> dict[UnitGroup, torch.Tensor]:
+        """The run's final mask; an elastic run's at ``budget`` (one of its budgets)."""
+        saved = json.loads(self.mask.read_text())
+        if "budgets" in saved:
+            budgets = ", ".join(saved["budgets"])
+            if budget is None:
+                raise RunFolderError(f"{self.root} is an elastic run: choose one of its budgets ({budgets})")
+            if budget_key(budget) not in saved["budgets"]:
+                raise RunFolderError(f"{self.root} has no mask at sparsity {budget} (its budgets: {budgets})")
+            saved = saved["budgets"][budget_key(budget)]
+        elif budget is not None and abs(budget - saved["sparsity"]) > BUDGET_MATCH:
+            raise RunFolderError(f"{self.root} holds one mask, at sparsity {saved['sparsity']:.4f}, not {budget}")
+        return space.masks_from_dict(saved["groups"])
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp")

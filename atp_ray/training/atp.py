@@ -37,8 +37,9 @@ from atp_ray.pruning.masking import masked
 from atp_ray.pruning.structures import Masks, PruningSpace
 from atp_ray.runtime.modeling import enable_activation_checkpointing, load_model, load_tokenizer
 from atp_ray.runtime.process import CheckpointStore, FolderCheckpoints, ProcessContext
-from atp_ray.runtime.run_folder import RunFolder, atomic_write_bytes, atomic_write_json
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_bytes, atomic_write_json, budget_key
 from atp_ray.training.distillation import distillation_loss, teacher_logits
+from atp_ray.training.elastic import ElasticMasks
 from atp_ray.training.mask_sources import MASK_SOURCES, Workbench
 from atp_ray.training.memory_plan import GIB, ModelShape, resolve_checkpointing
 from atp_ray.training.strategy import strategy_from_config, use_bf16
@@ -126,8 +127,9 @@ class ATPRecipe:
                           cfg.baseline.calibration_batches, self.strategy.gathered)  # fmt: skip
         # A source scores units on the untuned model as it is built: before the engine casts the
         # model, so under train.precision's autocast.
+        source_class = ElasticMasks if cfg.atp.elastic else MASK_SOURCES[cfg.method]
         with _autocast(cfg.train.precision, self.device):
-            self.source = MASK_SOURCES[cfg.method](cfg, bench)
+            self.source = source_class(cfg, bench)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         # Base parameters, LoRA excluded (ZeRO-3 keeps a shard per rank; ds_numel is the whole).
         self.dense_params = sum(
@@ -187,7 +189,7 @@ class ATPRecipe:
             masks, metrics = self.source.step(self.step, self._lora_step)
             self.step += 1
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                metrics |= self._held_out(self.source.current_masks())
+                metrics |= self._periodic_eval()
             if self.on_step is not None:
                 self.on_step(self.step, masks, metrics)
             self.source.after_step(self.step)
@@ -226,7 +228,7 @@ class ATPRecipe:
                 # LoRA weights are whole on every rank (ZeRO-3 keeps them unpartitioned), so
                 # the lasso reads the same rows and columns as on one process.
                 with self.strategy.whole_params(self.lora_params):
-                    lasso = lora_group_lasso(self.model, self.space, masks)
+                    lasso = lora_group_lasso(self.model, self.space, self.source.lasso_masks(masks))
                 loss = task_loss.float() + lasso_weight * lasso
                 if teacher is not None:
                     kl = distillation_loss(output.logits, teacher, batch["labels"], distill.temperature, distill.top_k)
@@ -244,8 +246,8 @@ class ATPRecipe:
             "generator_lr": self.config.atp.generator_lr,  # constant: the generator's optimizer has no schedule
             "params": self._params_kept(masks),
         }
-        if self.source.frozen is not None:  # how far the frozen mask is from the final budget
-            metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), 1.0 - self.config.atp.sparsity))
+        if self.source.freeze_step is not None:  # how far the frozen mask is from its budget
+            metrics["ratio_loss"] = float(ratio_loss(self.space.kept_fraction(masks), 1.0 - self.source.step_target))
         if distill_losses:
             metrics["distill"] = sum(distill_losses) / accumulation  # the KL before its weight
         return metrics
@@ -254,6 +256,17 @@ class ATPRecipe:
         """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
         removed = self.space.prunable_params - float(self.space.kept_params(masks))
         return float(self.dense_params - removed)
+
+    def _periodic_eval(self) -> dict[str, float]:
+        """Held-out quality now; an elastic run's at each budget, keyed ``eval_perplexity@0.2`` and so on."""
+        if not self.config.atp.elastic:
+            return self._held_out(self.source.current_masks())
+        metrics = {}
+        for budget, masks in self.source.current_budget_masks().items():
+            key = budget_key(budget)
+            metrics |= {f"{name}@{key}": value for name, value in self._held_out(masks).items()}
+            metrics[f"params@{key}"] = self._params_kept(masks)
+        return metrics
 
     def _held_out(self, masks: Masks) -> dict[str, float]:
         """Held-out loss and perplexity under ``masks``: the same measure as the run's final one."""
@@ -313,33 +326,47 @@ class ATPRecipe:
     # -- save --------------------------------------------------------------------------
     def save(self) -> dict[str, Any]:
         """Write mask, adapter, generator and summary (last, marking the run finished)."""
-        source = self.source
-        masks = source.frozen
-        held_out = self._held_out(masks)
-        summary = {
-            "target_sparsity": self.config.atp.sparsity,
-            "sparsity": self.space.sparsity(masks),
-            "kept_prunable_params": int(self.space.kept_params(masks)),
+        source, atp = self.source, self.config.atp
+        final = source.final_masks()
+        control_end = source.sparsities_at_control_end()
+        outcomes = {budget: self._outcome(budget, masks, control_end[budget]) for budget, masks in final.items()}
+        run = {
             "prunable_params": self.space.prunable_params,
             "freeze_step": source.freeze_step,
-            "sparsity_at_control_end": source.sparsity_at_control_end,
-            "reached_target": self.config.atp.sparsity - source.sparsity_at_control_end
-            <= self.config.atp.freeze_tolerance,
             "steps": self.step,
             "cpu_threads": torch.get_num_threads(),  # what a CPU run's speed depends on
             "world_size": self.context.world_size,  # processes that trained it (Ray Train workers)
-            **held_out,
         }
+        if atp.elastic:
+            budgets = {budget_key(b): o | {"params": self._params_kept(final[b])} for b, o in outcomes.items()}
+            summary = {"target_sparsities": list(atp.budgets), "budgets": budgets, **run}
+        else:
+            summary = {**outcomes[atp.sparsity], **run}
         with self.strategy.whole_params(self.lora_params):  # collective under ZeRO-3
             if self.context.is_main:
                 self._save_adapter()
         if self.context.is_main:
-            self.folder.write_mask(self.space, {g: m.cpu() for g, m in masks.items()})
+            cpu_masks = {budget: {g: m.cpu() for g, m in masks.items()} for budget, masks in final.items()}
+            if atp.elastic:
+                self.folder.write_budget_masks(self.space, cpu_masks)
+            else:
+                self.folder.write_mask(self.space, cpu_masks[atp.sparsity])
             generator = source.generator.state_dict()
             save_file({k: v.contiguous().cpu() for k, v in generator.items()}, self.folder.generator)
             atomic_write_json(self.folder.summary, summary)
             self.folder.checkpoint.unlink(missing_ok=True)
         return summary
+
+    def _outcome(self, target: float, masks: Masks, control_end: float) -> dict[str, Any]:
+        """What the run made of one sparsity budget: the frozen mask's size and held-out quality."""
+        return {
+            "target_sparsity": target,
+            "sparsity": self.space.sparsity(masks),
+            "kept_prunable_params": int(self.space.kept_params(masks)),
+            "sparsity_at_control_end": control_end,
+            "reached_target": target - control_end <= self.config.atp.freeze_tolerance,
+            **self._held_out(masks),
+        }
 
     def _save_adapter(self) -> None:
         partial = self.folder.adapter.with_name("adapter.partial")

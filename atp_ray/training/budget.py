@@ -67,12 +67,13 @@ class BudgetController:
         self.control_loss: float | None = None
 
     @classmethod
-    def from_settings(cls, atp: ATPSettings, steps: int) -> BudgetController:
-        """The controller of a run of ``steps`` steps with the config's ``atp`` section."""
+    def from_settings(cls, atp: ATPSettings, steps: int, sparsity: float | None = None) -> BudgetController:
+        """The controller of a run of ``steps`` steps with the config's ``atp`` section, for ``sparsity``
+        (default ``atp.sparsity``; an elastic run has one controller per budget)."""
         control_steps = max(1, math.ceil(steps * atp.control_fraction))
         extension = math.ceil(steps * atp.control_extension_fraction)
         return cls(
-            atp.sparsity,
+            atp.sparsity if sparsity is None else sparsity,
             control_steps=control_steps,
             control_cap=min(steps, control_steps + extension),
             anneal_fraction=atp.target_anneal_fraction,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,6 +30,7 @@ from atp_ray.pruning.masking import masked
 from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup
 from atp_ray.pruning.widths import round_mlp_channels
 from atp_ray.runtime.modeling import eval_for_backward
+from atp_ray.runtime.run_folder import budget_key
 from atp_ray.training.budget import BudgetController
 
 if TYPE_CHECKING:
@@ -82,10 +84,16 @@ class MaskSource:
     def __init__(self, config: RunConfig, bench: Workbench, prior: Mapping[UnitGroup, Tensor] | None = None):
         atp = config.atp
         self.bench = bench
+        self.target = atp.sparsity
         # Every run folder holds a generator; only the learned source trains it. (Building it also
         # draws from the random stream that LoRA dropout draws from next, whatever the method.)
         self.generator = PruningGenerator(
-            bench.space, width=atp.generator_width, temperature=atp.temperature, base=atp.base, prior=prior
+            bench.space,
+            width=atp.generator_width,
+            temperature=atp.temperature,
+            base=atp.base,
+            prior=prior,
+            budgets=atp.budgets if atp.elastic else None,
         ).to(bench.context.device)
         self.frozen: dict[UnitGroup, Tensor] | None = None
         self.freeze_step: int | None = None
@@ -107,6 +115,23 @@ class MaskSource:
     def current_masks(self) -> Masks:
         """The mask the run would end with if it froze now."""
         return self.frozen
+
+    def final_masks(self) -> dict[float, Masks]:
+        """The frozen mask of each sparsity budget the run trained for (one, except for an elastic run)."""
+        return {self.target: self.frozen}
+
+    def sparsities_at_control_end(self) -> dict[float, float]:
+        """Each budget's noise-free sparsity when its mask froze (a fixed mask's own)."""
+        return {self.target: self.sparsity_at_control_end}
+
+    def lasso_masks(self, step_masks: Masks) -> Masks:
+        """What the group lasso empties: the LoRA weights of units these masks cut (the step's own)."""
+        return step_masks
+
+    @property
+    def step_target(self) -> float:
+        """The sparsity budget of the latest step (an elastic run draws one per step)."""
+        return self.target
 
     def _freeze(self, masks: dict[UnitGroup, Tensor], step: int) -> None:
         self.frozen = masks
@@ -183,8 +208,17 @@ class LearnedMasks(MaskSource):
         self.atp = config.atp
         self.seed = config.train.seed
         self.max_grad_norm = config.train.max_grad_norm
-        self.budget = BudgetController.from_settings(config.atp, config.train.steps)
+        # One controller per budget the run trains for (an elastic run has several).
+        self.controllers = {
+            budget: BudgetController.from_settings(config.atp, config.train.steps, sparsity=budget)
+            for budget in config.atp.budgets
+        }
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.atp.generator_lr)
+
+    @property
+    def budget(self) -> BudgetController:
+        """The controller of the run's target (an elastic run's largest budget)."""
+        return self.controllers[self.target]
 
     @staticmethod
     def _prior(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor] | None:
@@ -202,40 +236,47 @@ class LearnedMasks(MaskSource):
 
     # -- control steps -------------------------------------------------------------------
     def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+        controller, budget = self._drawn(step)
         if step % self.atp.generator_every != 0:
-            masks = self._sample(step)
+            masks = self._sample(step, budget)
             return masks, lora_step(masks)
         if self.atp.control_step == "joint":
-            masks, metrics = self._joint_step(step, lora_step)
+            masks, metrics = self._joint_step(step, lora_step, controller, budget)
         else:
-            metrics = self._generator_step(step)
-            masks = self._sample(step)
+            metrics = self._generator_step(step, controller, budget)
+            masks = self._sample(step, budget)
             metrics |= lora_step(masks)
-        self.budget.track_loss(metrics["generator_loss"])
+        controller.track_loss(metrics["generator_loss"])
         return masks, metrics
 
-    def _generator_step(self, step: int) -> dict[str, float]:
+    def _drawn(self, step: int) -> tuple[BudgetController, float | None]:
+        """The budget controller of step ``step`` and the budget its generator reads (None: it reads none)."""
+        return self.budget, None
+
+    def _generator_step(self, step: int, controller: BudgetController, budget: float | None) -> dict[str, float]:
         """One generator update on a calibration batch; LLM and LoRA stay frozen."""
         bench = self.bench
         self.generator.train()
         eval_for_backward(bench.model)  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
-        masks = self.generator(self._noise(step, 0))
+        masks = self.generator(self._noise(step, 0), budget)
         batch = bench.calibration_batch(step)
         # Backward inside the mask's context: activation checkpointing recomputes layers there.
         with masked(bench.model, bench.space, masks):
             with bench.autocast():
                 task_loss = bench.model(**batch).loss
-            budget, metrics = self.budget.loss(bench.space.kept_fraction(masks), step)
+            budget_loss, metrics = controller.loss(bench.space.kept_fraction(masks), step)
             # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
             # it and must not see it toggled) and gets no .grad from this pass.
             params = list(self.generator.parameters())
-            grads = torch.autograd.grad(task_loss.float() + budget, params, allow_unused=True)
+            grads = torch.autograd.grad(task_loss.float() + budget_loss, params, allow_unused=True)
         for param, grad in zip(params, grads):
             param.grad = grad
         self._update_generator()
         return {"generator_loss": task_loss.item(), **metrics}
 
-    def _joint_step(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
+    def _joint_step(
+        self, step: int, lora_step: LoraStep, controller: BudgetController, budget: float | None
+    ) -> tuple[Masks, dict[str, float]]:
         """One LoRA update whose backward pass also gives the generator its task-loss gradient.
 
         The sampled mask enters the LLM as a leaf tensor: the LoRA step's backward leaves
@@ -245,12 +286,12 @@ class LearnedMasks(MaskSource):
         dropout, and updates at the same time as LoRA rather than just before it.
         """
         self.generator.train()
-        masks = self.generator(self._noise(step, 0))  # the same on every rank: same weights, same noise
+        masks = self.generator(self._noise(step, 0), budget)  # the same on every rank: same weights, same noise
         leaves = {g: m.detach().requires_grad_() for g, m in masks.items()}
         metrics = lora_step(leaves)
-        budget, budget_metrics = self.budget.loss(self.bench.space.kept_fraction(masks), step)
+        budget_loss, budget_metrics = controller.loss(self.bench.space.kept_fraction(masks), step)
         # The strategy's backward already divided each micro-batch's loss by the accumulation.
-        torch.autograd.backward([budget, *masks.values()], [None, *(leaf.grad for leaf in leaves.values())])
+        torch.autograd.backward([budget_loss, *masks.values()], [None, *(leaf.grad for leaf in leaves.values())])
         self._update_generator()
         return detach_masks(leaves), {"generator_loss": metrics["loss"], **metrics, **budget_metrics}
 
@@ -262,11 +303,11 @@ class LearnedMasks(MaskSource):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _sample(self, step: int) -> dict[UnitGroup, Tensor]:
+    def _sample(self, step: int, budget: float | None) -> dict[UnitGroup, Tensor]:
         """A noisy hard mask from the generator for one LoRA step, the same on every rank."""
         self.generator.train()
         with torch.no_grad():
-            masks = detach_masks(self.generator(self._noise(step, 1)))
+            masks = detach_masks(self.generator(self._noise(step, 1), budget))
         return self.bench.context.broadcast_masks(masks)
 
     def _noise(self, step: int, stream: int) -> torch.Generator:
@@ -279,29 +320,50 @@ class LearnedMasks(MaskSource):
         """Freeze the mask when the budget controller says so and the freeze check passes."""
         if self.frozen is not None:
             return
-        space = self.bench.space
-        self.noise_free_sparsity = space.sparsity(self.generator.deterministic_masks())
-        if not self.budget.freeze_due(step, self.noise_free_sparsity):
+        controller = self.budget
+        self.noise_free_sparsity = self.bench.space.sparsity(self.generator.deterministic_masks())
+        if not controller.freeze_due(step, self.noise_free_sparsity):
             return
-        masks = self.generator.masks_at_sparsity(self.budget.freeze_sparsity(self.noise_free_sparsity))
-        masks = round_mlp_channels(space, masks, self.atp.mlp_channel_multiple, self.generator.logits())
-        masks = self.bench.context.broadcast_masks(masks)
-        if not self._passes_freeze_check(step, masks):
+        masks = self._cut(controller, self.noise_free_sparsity)
+        if not self._passes_freeze_check(step, masks, controller):
             return
-        if not self.budget.reachable(self.noise_free_sparsity):
-            log.warning(
-                "control ended at step %d with noise-free sparsity %.4f, %.4f short of the target %.4f "
-                "(tolerance %.4f): freezing at most the tolerance nearer, the run misses its target",
-                step, self.noise_free_sparsity, self.atp.sparsity - self.noise_free_sparsity, self.atp.sparsity,
-                self.atp.freeze_tolerance,
-            )
+        self._warn_if_short(step, controller, self.noise_free_sparsity)
         self.sparsity_at_control_end = self.noise_free_sparsity
         self._freeze(masks, step)
         log.info("mask frozen at step %d: sparsity %.4f", step, self.noise_free_sparsity)
 
-    def _passes_freeze_check(self, step: int, masks: Masks) -> bool:
-        """Whether freezing onto ``masks`` keeps the loss near the control loss (atp.freeze_loss_ratio)."""
-        budget = self.budget
+    def _warn_if_short(self, step: int, controller: BudgetController, noise_free_sparsity: float) -> None:
+        if controller.reachable(noise_free_sparsity):
+            return
+        log.warning(
+            "control ended at step %d with noise-free sparsity %.4f, %.4f short of the target %.4f "
+            "(tolerance %.4f): freezing at most the tolerance nearer, the run misses its target",
+            step, noise_free_sparsity, controller.sparsity - noise_free_sparsity, controller.sparsity,
+            controller.tolerance,
+        )
+
+    def _cut(
+        self,
+        controller: BudgetController,
+        noise_free_sparsity: float,
+        budget: float | None = None,
+        within: Masks | None = None,
+    ) -> dict[UnitGroup, Tensor]:
+        """The mask a freeze cuts now: at ``controller``'s freeze sparsity, MLP widths rounded, the same on every rank.
+
+        ``within`` (a smaller budget's cut) nests it: a unit cut there stays cut, rounding included.
+        """
+        masks = self.generator.masks_at_sparsity(
+            controller.freeze_sparsity(noise_free_sparsity), budget=budget, within=within
+        )
+        scores = self.generator.logits(budget)
+        if within is not None:
+            scores = {g: score.masked_fill(within[g] == 0, -math.inf) for g, score in scores.items()}
+        masks = round_mlp_channels(self.bench.space, masks, self.atp.mlp_channel_multiple, scores)
+        return self.bench.context.broadcast_masks(masks)
+
+    def _passes_freeze_check(self, step: int, masks: Masks, budget: BudgetController) -> bool:
+        """Whether freezing onto ``masks`` keeps the loss near ``budget``'s control loss (atp.freeze_loss_ratio)."""
         if not budget.checks_freeze:
             return True
         loss = self.bench.calibration_loss(masks)
@@ -327,12 +389,14 @@ class LearnedMasks(MaskSource):
         return self.bench.context.broadcast_masks(cut)
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"optimizer": self.optimizer.state_dict(), "budget": self.budget.state_dict()}
+        controllers = {budget_key(b): c.state_dict() for b, c in self.controllers.items()}
+        return super().state_dict() | {"optimizer": self.optimizer.state_dict(), "controllers": controllers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.budget.load_state_dict(state["budget"])
+        for budget, controller in self.controllers.items():
+            controller.load_state_dict(state["controllers"][budget_key(budget)])
 
 
 # THE list of methods: config validation (RunConfig.method) reads its choices from here.
