@@ -47,7 +47,8 @@ def write_report(
             objective columns ``obj.<name>`` (float, NaN when missing), ``model_path``,
             ``run_dir``, ``wall_time_s``, ``failure_reason``; rows in trial order (the
             hypervolume history follows it). At most one row may have status ``DENSE``: the
-            dense model the search started from, drawn on every front panel as a reference.
+            dense model the search started from, drawn on every front panel as a reference and
+            named in the summary; the written trial tables hold the points only.
         objectives: objective name -> "min" or "max".
         curves: trial id -> that trial's metrics.jsonl rows (``step``, ``loss``, ``sparsity``, ...).
         out_dir: created if needed; receives trials.parquet, trials.csv, front.csv,

@@ -6,8 +6,9 @@ and the per-trial metric curves into a ``ReportData``: which points are on the P
 its reference point, the hypervolume after each completed trial, the curves in long form and a
 colour scale per knob. A *point* is one model: a trial's, or, for an elastic trial (one model
 per sparsity budget), one budget's; it is named ``trial_id`` or ``trial_id@budget``. The
-table's optional ``DENSE`` row is the dense model the search started from: drawn on every
-front panel as a reference, never on the front and never in the hypervolume. The drawers (``report_html`` with Plotly, ``report_png`` with
+table's optional ``DENSE`` row is the dense model the search started from: set apart as
+``ReportData.dense``, drawn on every front panel and named in the summary as a reference, never
+on the front, in the hypervolume or in the written trial tables. The drawers (``report_html`` with Plotly, ``report_png`` with
 Matplotlib) only draw what it prepared; ``report`` writes the files. No Ray here: the report
 also runs on a copied folder.
 """
@@ -68,7 +69,7 @@ def point_label(trial_id: str, budget: float) -> str:
 class ReportData:
     """Everything the drawers need, computed once from the trial table."""
 
-    trials: pd.DataFrame  # the input table (with `budget`) plus `point` (its label) and `on_front` (bool)
+    trials: pd.DataFrame  # the input table's points (with `budget`) plus `point` (its label) and `on_front` (bool)
     objectives: dict[str, str]  # name -> "min" | "max", in table column order obj.<name>
     knobs: list[str]  # knob column names, "knob.<dotted.key>"
     reference: np.ndarray | None  # None while no trial has completed with every objective
@@ -77,6 +78,7 @@ class ReportData:
     curves: pd.DataFrame  # long form: trial_id, status, step, loss, sparsity
     colours: dict[str, ColourScale]  # colour column (each knob, and `budget` when elastic) -> colour scale
     running: bool
+    dense: pd.Series | None = None  # the table's DENSE row: the dense model's objectives, if measured
 
     @property
     def objective_columns(self) -> list[str]:
@@ -89,12 +91,6 @@ class ReportData:
     @property
     def front(self) -> pd.DataFrame:
         return self.trials[self.trials["on_front"]]
-
-    @property
-    def dense(self) -> pd.Series | None:
-        """The dense model's row (its objectives measured once per search), if the table has one."""
-        rows = self.trials[self.trials["status"] == DENSE]
-        return rows.iloc[0] if len(rows) else None
 
     @property
     def elastic(self) -> bool:
@@ -117,7 +113,7 @@ class ReportData:
 
     def summary(self, out_dir: Path) -> ReportSummary:
         """The report's summary: trials per status (each trial once), the front, the dense model."""
-        trials = self.trials[self.trials["status"] != DENSE].drop_duplicates("trial_id")
+        trials = self.trials.drop_duplicates("trial_id")
         dense = self.dense
         return ReportSummary(
             out_dir=out_dir,
@@ -249,9 +245,12 @@ def prepare_report(
     _check_table(trials, objectives)
     objectives = dict(objectives)
     modes = list(objectives.values())
-    trials.insert(0, "point", [point_label(t, b) for t, b in zip(trials["trial_id"], trials[BUDGET])])
     obj_cols = [OBJ + name for name in objectives]
     trials[obj_cols] = trials[obj_cols].astype(float)
+    dense_rows = trials["status"] == DENSE  # the reference, set apart from the points
+    dense = trials[dense_rows].iloc[0] if dense_rows.any() else None
+    trials = trials[~dense_rows].reset_index(drop=True)
+    trials.insert(0, "point", [point_label(t, b) for t, b in zip(trials["trial_id"], trials[BUDGET])])
     completed = (trials["status"] == "COMPLETED").to_numpy()
     values = trials.loc[completed, obj_cols].to_numpy(float)
 
@@ -290,4 +289,5 @@ def prepare_report(
         curves=_long_curves(curves, trials),
         colours=colours,
         running=running,
+        dense=dense,
     )
