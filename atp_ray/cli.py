@@ -88,14 +88,38 @@ def _sample_cap(value: str) -> int | None:
     return int(value)
 
 
-def _cmd_compress(args: argparse.Namespace) -> None:
-    from atp_ray.compression.compress import compress_run
+def _sparsity_list(value: str | None) -> list[float] | None:
+    """``--sparsity``: None for 'all' or no flag, else the comma-separated numbers."""
+    from atp_ray.errors import CompressionError
 
-    record = compress_run(args.run_dir, args.out)
-    print(
-        f"compressed model: {args.out}  params={record.params:,} (dense {record.dense_params:,})  "
-        f"sparsity={record.sparsity:.4f}"
-    )
+    if value is None or value.strip() == "all":
+        return None
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise CompressionError(
+            f"--sparsity: expected sparsities separated by commas (e.g. 0.2,0.5) or 'all', got {value!r}"
+        ) from None
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from atp_ray.compression.compress import budget_folder, compress_budgets, compress_run, is_elastic_run
+    from atp_ray.errors import CompressionError
+
+    sparsities = _sparsity_list(args.sparsity)
+    if is_elastic_run(args.run_dir):  # one model folder per budget, under --out
+        records = compress_budgets(args.run_dir, args.out, sparsities)
+        written = {budget_folder(args.out, budget): record for budget, record in records.items()}
+    else:
+        if sparsities is not None and len(sparsities) != 1:
+            raise CompressionError(f"{args.run_dir} is a single run with one mask; --sparsity takes one value for it")
+        sparsity = None if sparsities is None else sparsities[0]
+        written = {Path(args.out): compress_run(args.run_dir, args.out, sparsity=sparsity)}
+    for folder, record in written.items():
+        print(
+            f"compressed model: {folder}  params={record.params:,} (dense {record.dense_params:,})  "
+            f"sparsity={record.sparsity:.4f}"
+        )
 
 
 # -- the search: search / resume / report / export -----------------------------------------
@@ -327,7 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="merge a finished run's LoRA and cut its pruned units out")
     compress.add_argument("run_dir", help="a finished run folder (holds mask.json and adapter/)")
-    compress.add_argument("--out", required=True, help="new model folder (must not exist or be empty)")
+    compress.add_argument(
+        "--out",
+        required=True,
+        help="new model folder (must not exist or be empty); for an elastic run, the folder of its "
+        "sparsity-{budget}/ model folders",
+    )
+    compress.add_argument(
+        "--sparsity",
+        help="budgets to compress, comma-separated (e.g. 0.2,0.5), or 'all' (default): an elastic run's budgets; "
+        "a single run takes only its own target",
+    )
     compress.set_defaults(handler=_cmd_compress)
 
     from atp_ray.evaluation.tasks import BUILTIN_TASKS, DEFAULT_TASKS

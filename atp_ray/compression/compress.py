@@ -11,8 +11,11 @@ derived from them and must not change. Because the widths differ per layer, a pl
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,14 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.compression.surgery import KeptUnits, LayerWidths, shrink_layer
-from atp_ray.errors import CompressionError
+from atp_ray.errors import CompressionError, RunFolderError
 from atp_ray.models import family_of
 from atp_ray.models.layout import count_params  # count_params: re-exported for callers
 from atp_ray.pruning.structures import Masks, PruningSpace
 from atp_ray.runtime.modeling import DTYPES, load_run_model, load_tokenizer
-from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_json, budget_key
+
+log = logging.getLogger(__name__)
 
 COMPRESSION_FILE = "compression.json"
 FORMAT = "atp-ray-compressed"
@@ -142,15 +147,116 @@ def save_compressed(
     return out
 
 
-def compress_run(run_dir: str | Path, out: str | Path) -> CompressionRecord:
-    """Merge a finished run's LoRA, cut its pruned units and save the model with its tokenizer."""
-    model, space, masks = load_run_model(run_dir)
+# How close a sparsity asked of a run must be to one of its budgets (budgets have 4 decimals).
+BUDGET_TOLERANCE = 1e-6
+
+
+def budget_folder(out: str | Path, sparsity: float) -> Path:
+    """Where :func:`compress_budgets` writes the model of one budget: ``out/sparsity-{key}``."""
+    return Path(out) / f"sparsity-{budget_key(sparsity)}"
+
+
+def run_budgets(run_dir: str | Path) -> tuple[float, ...]:
+    """The sparsity budgets a finished run has masks for, ascending; one for a single run.
+
+    A single run's budget is its target (``atp.sparsity``; 0 for ``method: lora``, which
+    prunes nothing), or the sparsity its mask achieved when its config names none.
+    """
+    folder = _finished(run_dir)
+    budgets = folder.mask_budgets()
+    if budgets is not None:
+        return tuple(budgets)
+    config = folder.read_config() or {}
+    if config.get("method") == "lora":
+        return (0.0,)
+    target = (config.get("atp") or {}).get("sparsity")
+    return (float(target) if target is not None else json.loads(folder.mask.read_text())["sparsity"],)
+
+
+def is_elastic_run(run_dir: str | Path) -> bool:
+    """Whether a finished run holds one mask per sparsity budget (RunFolderError if it is no finished run)."""
+    return _finished(run_dir).mask_budgets() is not None
+
+
+def _finished(run_dir: str | Path) -> RunFolder:
+    folder = RunFolder(Path(run_dir))
+    if not folder.root.is_dir():
+        raise RunFolderError(f"{run_dir}: no such folder")
+    if not folder.mask.is_file() or not folder.adapter.is_dir():
+        raise RunFolderError(f"{run_dir} holds no finished ATP run (mask.json and adapter/ are missing)")
+    return folder
+
+
+def _match_budget(run_dir: str | Path, budgets: tuple[float, ...], elastic: bool, sparsity: float) -> float:
+    """The run's own budget that ``sparsity`` names (CompressionError naming them when none does)."""
+    for budget in budgets:
+        if abs(sparsity - budget) <= BUDGET_TOLERANCE:
+            return budget
+    if elastic:
+        names = ", ".join(budget_key(b) for b in budgets)
+        raise CompressionError(f"{run_dir}: an elastic run of budgets {names} has no mask at sparsity {sparsity:g}")
+    raise CompressionError(
+        f"{run_dir}: a single run with target sparsity {budgets[0]:g}; it cannot be compressed at {sparsity:g} "
+        "(train an elastic run, atp.sparsity: [..], for several sizes)"
+    )
+
+
+def _with_run_info(record: CompressionRecord, run_dir: str | Path) -> CompressionRecord:
     config = RunFolder(Path(run_dir)).read_config()
-    source = config["model"]["path"]
-    record = compress_model(model, space, masks, source_model=source)
-    record = replace(record, training_data=config.get("data"), seed=config.get("train", {}).get("seed"))
+    return replace(record, training_data=config.get("data"), seed=config.get("train", {}).get("seed"))
+
+
+def compress_run(run_dir: str | Path, out: str | Path, *, sparsity: float | None = None) -> CompressionRecord:
+    """Merge a finished run's LoRA, cut its pruned units and save the model with its tokenizer in ``out``.
+
+    ``sparsity``: which mask to cut. An elastic run needs one of its budgets; a single run
+    takes None or its own target. Anything else is a CompressionError, before any model loads.
+    """
+    folder, elastic = RunFolder(Path(run_dir)), is_elastic_run(run_dir)
+    if sparsity is None and elastic:
+        names = ", ".join(budget_key(b) for b in run_budgets(run_dir))
+        raise CompressionError(
+            f"{run_dir}: an elastic run has one model per budget; choose a sparsity ({names}), "
+            "or compress them all with compress_budgets"
+        )
+    budget = None if sparsity is None else _match_budget(run_dir, run_budgets(run_dir), elastic, sparsity)
+    model, space, masks = load_run_model(run_dir, sparsity=budget if elastic else None)
+    source = folder.read_config()["model"]["path"]
+    record = _with_run_info(compress_model(model, space, masks, source_model=source), run_dir)
     save_compressed(model, load_tokenizer(source), record, out)
     return record
+
+
+def compress_budgets(
+    run_dir: str | Path, out: str | Path, sparsities: Sequence[float] | None = None
+) -> dict[float, CompressionRecord]:
+    """Compress a run at each of ``sparsities`` (every budget it has when None) into ``out/sparsity-{key}/``.
+
+    Each folder appears whole or not at all (:func:`save_compressed`); one that is already
+    complete is kept, so a rerun after a crash does only what is missing. The run's model
+    loads and merges once; every budget is cut from a copy of it (the last from the model
+    itself), so memory peaks at two dense models. Returns each budget's record, keyed by
+    the run's own budget value.
+    """
+    folder, elastic = RunFolder(Path(run_dir)), is_elastic_run(run_dir)
+    budgets = run_budgets(run_dir)
+    chosen = budgets if sparsities is None else [_match_budget(run_dir, budgets, elastic, s) for s in sparsities]
+    chosen = sorted(set(chosen))
+    records = {b: read_record(budget_folder(out, b)) for b in chosen if is_compressed(budget_folder(out, b))}
+    for budget in records:
+        log.info("%s: already compressed, kept", budget_folder(out, budget))
+    todo = [b for b in chosen if b not in records]
+    if not todo:
+        return records
+    source = folder.read_config()["model"]["path"]
+    tokenizer = load_tokenizer(source)
+    merged, space, _ = load_run_model(run_dir, sparsity=todo[0] if elastic else None)
+    for budget in todo:
+        masks = folder.read_mask(space, budget=budget if elastic else None)
+        model = merged if budget == todo[-1] else copy.deepcopy(merged)
+        records[budget] = _with_run_info(compress_model(model, space, masks, source_model=source), run_dir)
+        save_compressed(model, tokenizer, records[budget], budget_folder(out, budget))
+    return dict(sorted(records.items()))
 
 
 # -- loading ------------------------------------------------------------------------------

@@ -167,8 +167,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_run_model(run_dir: str | Path) -> tuple[PreTrainedModel, PruningSpace, dict[UnitGroup, torch.Tensor]]:
+def load_run_model(
+    run_dir: str | Path, sparsity: float | None = None
+) -> tuple[PreTrainedModel, PruningSpace, dict[UnitGroup, torch.Tensor]]:
     """A finished run's model with its LoRA merged, plus its pruning space and final hard mask.
+
+    ``sparsity``: the budget whose mask to return. An elastic run needs one of its budgets
+    (RunFolderError naming them otherwise); a single run has one mask and takes None. The
+    mask is read before the model loads, so a wrong budget fails at once.
 
     The mask is not applied: wrap calls in ``atp_ray.pruning.masking.masked(model, space, masks)``
     to get the pruned model's outputs, or compress it with ``atp_ray.compression.compress``.
@@ -181,7 +187,11 @@ def load_run_model(run_dir: str | Path) -> tuple[PreTrainedModel, PruningSpace, 
     if not folder.mask.is_file() or not folder.adapter.is_dir():
         raise RunFolderError(f"{run_dir} holds no finished ATP run (mask.json and adapter/ are missing)")
     model_cfg = folder.read_config()["model"]
+    try:
+        space = PruningSpace.from_config(AutoConfig.from_pretrained(_checked_path(model_cfg["path"])))
+    except (OSError, HFValidationError) as err:
+        raise _unreachable(model_cfg["path"], err) from None
+    masks = folder.read_mask(space, budget=sparsity)
     base = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
     model = PeftModel.from_pretrained(base, folder.adapter).merge_and_unload().eval()
-    space = PruningSpace.from_config(model.config)
-    return model, space, folder.read_mask(space)
+    return model, space, masks
