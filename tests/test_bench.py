@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -50,6 +51,31 @@ def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys, tmp_path
         if (folder / "metrics.jsonl").exists() and '"distill"' in (folder / "metrics.jsonl").read_text()
     }
     assert distilled == {"atp-plus-distill-0.4-0", "two-step-taylor-plus-distill-0.4-0"}
+
+
+def test_elastic_front_quick_compares_one_elastic_run_with_dedicated_ones(monkeypatch, capsys, tmp_path):
+    from bench import elastic_front
+
+    _run(monkeypatch, elastic_front, ["--quick", "--threads", "1", "--draws", "sandwich", "--keep", str(tmp_path)])
+    out = capsys.readouterr().out
+    tables = [[]]
+    for line in out.splitlines():
+        if line.startswith("|"):
+            tables[-1].append([c.strip() for c in line.split("|")[1:-1]])
+        elif tables[-1]:
+            tables.append([])
+    per_budget, fronts = (table[2:] for table in tables if table)  # header and rule dropped
+    assert [(r[0], r[1]) for r in per_budget] == [
+        ("20%", "2 dedicated runs"), ("20%", "1 elastic run (sandwich)"),
+        ("40%", "2 dedicated runs"), ("40%", "1 elastic run (sandwich)"),
+    ]  # fmt: skip
+    assert [r[0] for r in fronts] == ["2 dedicated runs", "1 elastic run (sandwich)"]
+    assert fronts[0][-1] == "**1.00x**" and fronts[1][-1].endswith("x**")
+    # Each model was compressed from its run: one per budget from one elastic run folder.
+    assert sorted(p.name for p in tmp_path.glob("model-*")) == [
+        "model-dedicated-0.2", "model-dedicated-0.4", "model-sandwich-0.2", "model-sandwich-0.4",
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "elastic-sandwich" / "summary.json").read_text())["target_sparsities"] == [0.2, 0.4]
 
 
 def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):

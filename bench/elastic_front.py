@@ -1,0 +1,183 @@
+"""One elastic ATP run against one dedicated run per sparsity: the front each makes, per CPU-hour.
+
+    python -m bench.elastic_front [--sparsities 0.2 0.3 0.4 0.5 0.6] [--max-samples 200] [--keep DIR]
+    python -m bench.elastic_front --quick      # a tiny model, two budgets, few steps (for tests)
+    python -m bench.elastic_front --draws cycle atp.nested=false   # one elastic variant
+
+Every run starts from configs/embedded.yaml with the same data, seed and step count. The
+dedicated runs train one ATP run per sparsity; each elastic run trains one run with
+``atp.sparsity`` set to all of them, one per ``atp.budget_draw`` asked (``--draws``). Each budget's model is compressed (as a user would ship
+it) and scored by the evaluation recipe: held-out perplexity on the run's own held-out
+split (domain-ppl) and the HPO term and ICD-10 chapter quizzes. Wall time is the training
+runs' own (setup, training, save), on the same threads; compressing and scoring cost the
+same per model on both sides and are left out.
+
+Each side's front is its non-dominated (perplexity, parameters) points; its hypervolume is
+taken at one reference point for all sides, (REFERENCE_PERPLEXITY or past the run's worst
+model, the dense model's parameters), and divided by the side's CPU-hours (wall hours x threads). A quiz difference is flagged
+when it exceeds two standard errors of the difference (n questions each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atp_ray.compression.compress import compress_run
+from atp_ray.config import apply_overrides
+from atp_ray.evaluation.eval_recipe import run_eval
+from atp_ray.runtime.run_folder import budget_key
+from atp_ray.search.front import hypervolume, pareto_mask
+from bench._runs import base_config, timed_run, with_overrides
+
+# The fronts' hypervolume is measured from one perplexity for all sides: this, worse than any model
+# on the embedded default (60% dedicated ATP: about 174-190), or past the worst model of the run.
+REFERENCE_PERPLEXITY = 1000.0
+# score name -> (eval task, the value read from it)
+SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), "icd": ("icd10-chapter", "accuracy")}
+
+Points = dict[float, dict[str, float]]  # budget -> scores of its compressed model
+
+
+def score(model_dir: Path, max_samples: int | None) -> dict[str, float]:
+    """Held-out perplexity and both quizzes' accuracy of a compressed model folder."""
+    tasks = run_eval(str(model_dir), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
+    return {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
+
+
+def compress_and_score(run_dir: Path, budget: float | None, out: Path, max_samples: int | None) -> dict[str, float]:
+    """Compress a finished run's model (an elastic run's at ``budget``) into ``out`` and score it."""
+    record = compress_run(run_dir, out, sparsity=budget)
+    scores = score(out, max_samples)
+    return {**scores, "params": float(record.params), "dense_params": float(record.dense_params), "sparsity": record.sparsity}
+
+
+def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samples: int | None) -> tuple[Points, float]:
+    """One ATP run per budget; their points and total training seconds."""
+    points, seconds = {}, 0.0
+    for budget in budgets:
+        run = workdir / f"dedicated-{budget_key(budget)}"
+        _, wall = timed_run(with_overrides(raw, atp={"sparsity": budget}), run)
+        seconds += wall
+        points[budget] = compress_and_score(run, None, workdir / f"model-dedicated-{budget_key(budget)}", max_samples)
+        print(f"dedicated {budget}: {wall:.0f} s, {points[budget]}", flush=True)
+    return points, seconds
+
+
+def elastic(
+    raw: dict[str, Any], workdir: Path, budgets: list[float], draw: str, max_samples: int | None
+) -> tuple[Points, float]:
+    """One elastic run over every budget, drawing budgets by ``draw``; its points and training seconds."""
+    run = workdir / f"elastic-{draw}"
+    _, wall = timed_run(with_overrides(raw, atp={"sparsity": budgets, "budget_draw": draw}), run)
+    points = {}
+    for budget in budgets:
+        points[budget] = compress_and_score(run, budget, workdir / f"model-{draw}-{budget_key(budget)}", max_samples)
+        print(f"elastic ({draw}) {budget}: {points[budget]}", flush=True)
+    print(f"elastic ({draw}) run: {wall:.0f} s", flush=True)
+    return points, wall
+
+
+def front_hypervolume(points: Points, reference: tuple[float, float]) -> float:
+    """Hypervolume of the (perplexity, parameters) front, both minimised, from ``reference``."""
+    values = np.array([[p["ppl"], p["params"]] for p in points.values()])
+    front = values[pareto_mask(values, ["min", "min"])]
+    return hypervolume(front, ["min", "min"], list(reference))
+
+
+def reference_point(sides: Sides) -> tuple[float, float]:
+    """(perplexity, parameters): REFERENCE_PERPLEXITY or 1.1x the worst model's, and the dense model's size."""
+    points = [p for side, _ in sides.values() for p in side.values()]
+    return max(REFERENCE_PERPLEXITY, 1.1 * max(p["ppl"] for p in points)), points[0]["dense_params"]
+
+
+def quiz_gap(a: float, b: float, n: int) -> str:
+    """``b - a`` and whether it exceeds two standard errors of a difference of two accuracies over n questions."""
+    se = math.sqrt((a * (1 - a) + b * (1 - b)) / n) if n else float("inf")
+    flag = " (> 2 SE)" if abs(b - a) > 2 * se else ""
+    return f"{b - a:+.3f}{flag}"
+
+
+Sides = dict[str, tuple[Points, float]]  # name -> (points, training seconds); the first is the baseline
+
+
+def markdown(sides: Sides, reference: tuple[float, float], threads: int, questions: int) -> str:
+    """Per budget each elastic model beside the dedicated one, then each front's hypervolume per CPU-hour."""
+    (base_name, (base, base_s)), *others = sides.items()
+    lines = [
+        "| sparsity | side | held-out ppl | / dedicated | params | HPO quiz (gap) | ICD quiz (gap) |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
+    for budget, d in base.items():
+        lines.append(
+            f"| {budget:.0%} | {base_name} | {d['ppl']:.2f} | 1 | {d['params']:,.0f} | {d['hpo']:.3f} | {d['icd']:.3f} |"
+        )
+        for name, (points, _) in others:
+            e = points[budget]
+            lines.append(
+                f"| {budget:.0%} | {name} | {e['ppl']:.2f} | {e['ppl'] / d['ppl']:.3f} | {e['params']:,.0f} | "
+                f"{e['hpo']:.3f} ({quiz_gap(d['hpo'], e['hpo'], questions)}) | "
+                f"{e['icd']:.3f} ({quiz_gap(d['icd'], e['icd'], questions)}) |"
+            )
+    lines += [
+        "",
+        "| side | training wall | CPU-hours | hypervolume | hypervolume per CPU-hour | rate / dedicated |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base_rate = front_hypervolume(base, reference) / (base_s * threads / 3600)
+    for name, (points, seconds) in sides.items():
+        cpu_hours = seconds * threads / 3600
+        volume = front_hypervolume(points, reference)
+        lines.append(
+            f"| {name} | {seconds / 60:.1f} min | {cpu_hours:.2f} | {volume:.4g} | {volume / cpu_hours:.4g} | "
+            f"**{volume / cpu_hours / base_rate:.2f}x** |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, two budgets, few steps: checks the script runs")
+    parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.2 0.3 0.4 0.5 0.6 (0.2 0.4 with --quick)")
+    parser.add_argument("--max-samples", type=int, default=200, help="held-out blocks and quiz questions scored per model")
+    parser.add_argument(
+        "--draws", nargs="+", default=["sandwich", "cycle"], help="one elastic run per atp.budget_draw named"
+    )
+    parser.add_argument("--keep", type=Path, help="write the run and model folders here and keep them")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. train.seed=1")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    budgets = sorted(args.sparsities or ([0.2, 0.4] if args.quick else [0.2, 0.3, 0.4, 0.5, 0.6]))
+    max_samples = min(args.max_samples, 8) if args.quick else args.max_samples
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        raw = apply_overrides(base_config(args.quick, workdir), args.overrides)
+        sides = {f"{len(budgets)} dedicated runs": dedicated(raw, workdir, budgets, max_samples)}
+        for draw in args.draws:
+            sides[f"1 elastic run ({draw})"] = elastic(raw, workdir, budgets, draw, max_samples)
+    reference = reference_point(sides)
+    print(
+        f"{raw['model']['path']}, {raw['train']['steps']} steps, batch {raw['train']['batch_size']}, seed "
+        f"{raw['train']['seed']}, {args.threads} threads, {max_samples} held-out blocks / quiz questions per model; "
+        f"hypervolume reference (perplexity {reference[0]:.4g}, dense parameters {reference[1]:,.0f}); "
+        f"bench wall {(time.perf_counter() - started) / 60:.1f} min"
+    )
+    print(markdown(sides, reference, args.threads, max_samples))
+
+
+if __name__ == "__main__":
+    main()
