@@ -166,9 +166,9 @@ def main() -> None:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         raw = apply_overrides(base_config(args.quick, workdir), args.overrides)
-        sides = {f"{len(budgets)} dedicated runs": dedicated(raw, workdir, budgets, max_samples)}
-        for draw in args.draws:
-            sides[f"1 elastic run ({draw})"] = elastic(raw, workdir, budgets, draw, max_samples)
+        # The elastic runs first: the new thing fails early, if it fails.
+        elastic_sides = {f"1 elastic run ({d})": elastic(raw, workdir, budgets, d, max_samples) for d in args.draws}
+        sides = {f"{len(budgets)} dedicated runs": dedicated(raw, workdir, budgets, max_samples), **elastic_sides}
     reference = reference_point(sides)
     print(
         f"{raw['model']['path']}, {raw['train']['steps']} steps, batch {raw['train']['batch_size']}, seed "
