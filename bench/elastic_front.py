@@ -8,13 +8,14 @@ Every run starts from configs/embedded.yaml with the same data, seed and step co
 dedicated runs train one ATP run per sparsity; each elastic run trains one run with
 ``atp.sparsity`` set to all of them, one per ``atp.budget_draw`` asked (``--draws``). Each budget's model is compressed (as a user would ship
 it) and scored by the evaluation recipe: held-out perplexity on the run's own held-out
-split (domain-ppl) and the HPO term and ICD-10 chapter quizzes. Wall time is the training
-runs' own (setup, training, save), on the same threads; compressing and scoring cost the
-same per model on both sides and are left out.
+split (domain-ppl) and the HPO term and ICD-10 chapter quizzes. A side's cost is the CPU
+time of its training runs (setup, training, save: every thread of the process, so that a
+machine shared with other work inflates it far less than wall time), on the same threads;
+compressing and scoring cost the same per model on both sides and are left out.
 
 Each side's front is its non-dominated (perplexity, parameters) points; its hypervolume is
 taken at one reference point for all sides, (REFERENCE_PERPLEXITY or past the run's worst
-model, the dense model's parameters), and divided by the side's CPU-hours (wall hours x threads). A quiz difference is flagged
+model, the dense model's parameters), and divided by the side's CPU-hours. A quiz difference is flagged
 when it exceeds two standard errors of the difference (n questions each).
 """
 
@@ -24,6 +25,7 @@ import argparse
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,21 @@ SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), 
 Points = dict[float, dict[str, float]]  # budget -> scores of its compressed model
 
 
+@dataclass
+class Side:
+    """One way of making the front: its models' scores and what training them cost."""
+
+    points: Points = field(default_factory=dict)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time of every thread of this process while training
+
+    def train(self, raw: dict[str, Any], out: Path) -> None:
+        cpu = time.process_time()
+        _, wall = timed_run(raw, out)
+        self.cpu_s += time.process_time() - cpu
+        self.wall_s += wall
+
+
 def score(model_dir: Path, max_samples: int | None) -> dict[str, float]:
     """Held-out perplexity and both quizzes' accuracy of a compressed model folder."""
     tasks = run_eval(str(model_dir), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
@@ -59,30 +76,27 @@ def compress_and_score(run_dir: Path, budget: float | None, out: Path, max_sampl
     return {**scores, "params": float(record.params), "dense_params": float(record.dense_params), "sparsity": record.sparsity}
 
 
-def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samples: int | None) -> tuple[Points, float]:
-    """One ATP run per budget; their points and total training seconds."""
-    points, seconds = {}, 0.0
+def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samples: int | None) -> Side:
+    """One ATP run per budget."""
+    side = Side()
     for budget in budgets:
         run = workdir / f"dedicated-{budget_key(budget)}"
-        _, wall = timed_run(with_overrides(raw, atp={"sparsity": budget}), run)
-        seconds += wall
-        points[budget] = compress_and_score(run, None, workdir / f"model-dedicated-{budget_key(budget)}", max_samples)
-        print(f"dedicated {budget}: {wall:.0f} s, {points[budget]}", flush=True)
-    return points, seconds
+        side.train(with_overrides(raw, atp={"sparsity": budget}), run)
+        side.points[budget] = compress_and_score(run, None, workdir / f"model-dedicated-{budget_key(budget)}", max_samples)
+        print(f"dedicated {budget}: {side.points[budget]} (so far {side.cpu_s:.0f} CPU s)", flush=True)
+    return side
 
 
-def elastic(
-    raw: dict[str, Any], workdir: Path, budgets: list[float], draw: str, max_samples: int | None
-) -> tuple[Points, float]:
-    """One elastic run over every budget, drawing budgets by ``draw``; its points and training seconds."""
+def elastic(raw: dict[str, Any], workdir: Path, budgets: list[float], draw: str, max_samples: int | None) -> Side:
+    """One elastic run over every budget, drawing budgets by ``draw``."""
+    side = Side()
     run = workdir / f"elastic-{draw}"
-    _, wall = timed_run(with_overrides(raw, atp={"sparsity": budgets, "budget_draw": draw}), run)
-    points = {}
+    side.train(with_overrides(raw, atp={"sparsity": budgets, "budget_draw": draw}), run)
     for budget in budgets:
-        points[budget] = compress_and_score(run, budget, workdir / f"model-{draw}-{budget_key(budget)}", max_samples)
-        print(f"elastic ({draw}) {budget}: {points[budget]}", flush=True)
-    print(f"elastic ({draw}) run: {wall:.0f} s", flush=True)
-    return points, wall
+        side.points[budget] = compress_and_score(run, budget, workdir / f"model-{draw}-{budget_key(budget)}", max_samples)
+        print(f"elastic ({draw}) {budget}: {side.points[budget]}", flush=True)
+    print(f"elastic ({draw}) run: {side.cpu_s:.0f} CPU s", flush=True)
+    return side
 
 
 def front_hypervolume(points: Points, reference: tuple[float, float]) -> float:
@@ -94,7 +108,7 @@ def front_hypervolume(points: Points, reference: tuple[float, float]) -> float:
 
 def reference_point(sides: Sides) -> tuple[float, float]:
     """(perplexity, parameters): REFERENCE_PERPLEXITY or 1.1x the worst model's, and the dense model's size."""
-    points = [p for side, _ in sides.values() for p in side.values()]
+    points = [p for side in sides.values() for p in side.points.values()]
     return max(REFERENCE_PERPLEXITY, 1.1 * max(p["ppl"] for p in points)), points[0]["dense_params"]
 
 
@@ -105,12 +119,13 @@ def quiz_gap(a: float, b: float, n: int) -> str:
     return f"{b - a:+.3f}{flag}"
 
 
-Sides = dict[str, tuple[Points, float]]  # name -> (points, training seconds); the first is the baseline
+Sides = dict[str, Side]  # the first is the baseline
 
 
-def markdown(sides: Sides, reference: tuple[float, float], threads: int, questions: int) -> str:
+def markdown(sides: Sides, reference: tuple[float, float], questions: int) -> str:
     """Per budget each elastic model beside the dedicated one, then each front's hypervolume per CPU-hour."""
-    (base_name, (base, base_s)), *others = sides.items()
+    (base_name, base_side), *others = sides.items()
+    base = base_side.points
     lines = [
         "| sparsity | side | held-out ppl | / dedicated | params | HPO quiz (gap) | ICD quiz (gap) |",
         "|---:|---|---:|---:|---:|---|---|",
@@ -119,8 +134,8 @@ def markdown(sides: Sides, reference: tuple[float, float], threads: int, questio
         lines.append(
             f"| {budget:.0%} | {base_name} | {d['ppl']:.2f} | 1 | {d['params']:,.0f} | {d['hpo']:.3f} | {d['icd']:.3f} |"
         )
-        for name, (points, _) in others:
-            e = points[budget]
+        for name, side in others:
+            e = side.points[budget]
             lines.append(
                 f"| {budget:.0%} | {name} | {e['ppl']:.2f} | {e['ppl'] / d['ppl']:.3f} | {e['params']:,.0f} | "
                 f"{e['hpo']:.3f} ({quiz_gap(d['hpo'], e['hpo'], questions)}) | "
@@ -128,15 +143,15 @@ def markdown(sides: Sides, reference: tuple[float, float], threads: int, questio
             )
     lines += [
         "",
-        "| side | training wall | CPU-hours | hypervolume | hypervolume per CPU-hour | rate / dedicated |",
+        "| side | training wall | training CPU-hours | hypervolume | hypervolume per CPU-hour | rate / dedicated |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    base_rate = front_hypervolume(base, reference) / (base_s * threads / 3600)
-    for name, (points, seconds) in sides.items():
-        cpu_hours = seconds * threads / 3600
-        volume = front_hypervolume(points, reference)
+    base_rate = front_hypervolume(base, reference) / (base_side.cpu_s / 3600)
+    for name, side in sides.items():
+        cpu_hours = side.cpu_s / 3600
+        volume = front_hypervolume(side.points, reference)
         lines.append(
-            f"| {name} | {seconds / 60:.1f} min | {cpu_hours:.2f} | {volume:.4g} | {volume / cpu_hours:.4g} | "
+            f"| {name} | {side.wall_s / 60:.1f} min | {cpu_hours:.3f} | {volume:.4g} | {volume / cpu_hours:.4g} | "
             f"**{volume / cpu_hours / base_rate:.2f}x** |"
         )
     return "\n".join(lines)
@@ -176,7 +191,7 @@ def main() -> None:
         f"hypervolume reference (perplexity {reference[0]:.4g}, dense parameters {reference[1]:,.0f}); "
         f"bench wall {(time.perf_counter() - started) / 60:.1f} min"
     )
-    print(markdown(sides, reference, args.threads, max_samples))
+    print(markdown(sides, reference, max_samples))
 
 
 if __name__ == "__main__":
