@@ -72,6 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=device,
         domain=args.domain,
+        sparsity=args.sparsity,
     )
     print(format_report(report))
     if args.out:
@@ -164,8 +165,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from atp_ray.search.export import export_trial
 
-    out = export_trial(args.experiment, args.trial, args.out)
-    print(f"exported trial {args.trial}: {out} (load with atp_ray.load_compressed)")
+    out = export_trial(args.experiment, args.trial, args.out, sparsity=args.sparsity)
+    which = f" at sparsity {args.sparsity:g}" if args.sparsity is not None else ""
+    print(f"exported trial {args.trial}{which}: {out} (load with atp_ray.load_compressed)")
 
 
 DRIVER_FILE = "driver.pid"  # in an experiment folder while a search or resume runs: {"host", "pid"}
@@ -389,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the report as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
     _add_search_commands(commands)
+    evaluate.add_argument("--sparsity", type=float, help="an elastic run folder: the budget whose mask is scored")
     add_cluster_parser(commands)
     return parser
 

@@ -15,7 +15,8 @@ from atp_ray.pruning.generator import PruningGenerator
 from atp_ray.pruning.losses import ratio_loss
 from atp_ray.pruning.structures import PruningSpace, UnitKind
 from atp_ray.runtime.run_folder import RunFolder, budget_key
-from atp_ray.training.atp import run_atp
+from atp_ray.evaluation.eval_recipe import run_eval
+from atp_ray.training.atp import FINAL_EVAL_BLOCKS, run_atp
 
 BUDGETS = [0.2, 0.4]
 
@@ -162,6 +163,22 @@ def test_read_mask_of_an_elastic_run_needs_one_of_its_budgets(elastic_run):
         folder.read_mask(space)
     with pytest.raises(RunFolderError, match="no mask at sparsity 0.3"):
         folder.read_mask(space, 0.3)
+
+
+def test_eval_scores_an_elastic_run_at_the_budget_asked(elastic_run):
+    """`atp-ray eval RUN --sparsity S`: the held-out perplexity the run measured at S, not at another budget."""
+    raw, folder, summary = elastic_run
+    blocks = FINAL_EVAL_BLOCKS
+    scored = {
+        b: run_eval(str(folder.root), ["domain-ppl"], max_samples=blocks, batch_size=raw["train"]["batch_size"], sparsity=b)
+        for b in BUDGETS
+    }
+    for budget in BUDGETS:
+        perplexity = scored[budget]["tasks"]["domain-ppl"]["values"]["perplexity"]
+        assert perplexity == pytest.approx(summary["budgets"][budget_key(budget)]["eval_perplexity"], rel=1e-5)
+    assert scored[0.2]["tasks"]["domain-ppl"]["values"] != scored[0.4]["tasks"]["domain-ppl"]["values"]
+    with pytest.raises(ConfigError, match="not a run folder"):
+        run_eval(raw["model"]["path"], ["domain-ppl"], max_samples=2, sparsity=0.2)
 
 
 @pytest.mark.parametrize("checkpoints, phase", [(2, "control"), (5, "frozen")])

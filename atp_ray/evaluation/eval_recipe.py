@@ -37,11 +37,15 @@ def run_eval(
     dtype: str = "float32",
     device: str = "cpu",
     domain: str | None = None,
+    sparsity: float | None = None,
 ) -> dict[str, Any]:
-    """Score a model, run folder or compressed folder on some tasks; returns the report."""
+    """Score a model, run folder or compressed folder on some tasks; returns the report.
+
+    ``sparsity`` picks the budget of an elastic run folder.
+    """
     builders = resolve_tasks(task_specs)
     domain_config = domain_data(domain)
-    target = load_target(model_path, dtype).to(torch.device(device))
+    target = load_target(model_path, dtype, sparsity).to(torch.device(device))
     context = TaskContext(
         tokenizer=target.tokenizer,
         max_length=target.model.config.max_position_embeddings,  # every supported architecture declares it

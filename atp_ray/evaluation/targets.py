@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from atp_ray.compression.compress import is_compressed, load_compressed, read_record
 from atp_ray.config import DataConfig, TrainConfig, load_config
+from atp_ray.errors import ConfigError
 from atp_ray.models.layout import count_params
 from atp_ray.pruning.masking import masked
 from atp_ray.pruning.structures import Masks, PruningSpace
@@ -81,11 +82,11 @@ def _load_dense(path: str, dtype: str) -> EvalTarget:
     return EvalTarget("dense", model, load_tokenizer(path), count_params(model), disk)
 
 
-def _load_run(path: str, dtype: str) -> EvalTarget:
+def _load_run(path: str, dtype: str, sparsity: float | None = None) -> EvalTarget:
     del dtype  # a run is scored in the dtype it was trained in (its config's model.dtype)
     folder = RunFolder(Path(path))
     config = load_config(folder.config)
-    model, space, masks = load_run_model(folder.root)
+    model, space, masks = load_run_model(folder.root, sparsity)
     removed = space.prunable_params - int(space.kept_params(masks))
     base = _model_folder(config.model.path)
     return EvalTarget(
@@ -122,6 +123,13 @@ TARGET_KINDS: tuple[tuple[Callable[[str], bool], Callable[[str, str], EvalTarget
 )
 
 
-def load_target(path: str, dtype: str = "float32") -> EvalTarget:
-    """Load whatever ``path`` names: a run folder, a compressed folder, or a dense model."""
+def load_target(path: str, dtype: str = "float32", sparsity: float | None = None) -> EvalTarget:
+    """Load whatever ``path`` names: a run folder, a compressed folder, or a dense model.
+
+    ``sparsity`` picks the budget of an elastic run folder (see ``RunFolder.read_mask``).
+    """
+    if sparsity is not None:
+        if not _is_run(path):
+            raise ConfigError([f"--sparsity: {path} is not a run folder (only a run's masks have budgets to choose)"])
+        return _load_run(path, dtype, sparsity)
     return next(load(path, dtype) for matches, load in TARGET_KINDS if matches(path))
