@@ -319,6 +319,9 @@ def _add_search_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("experiment", help="experiment folder")
     export.add_argument("--trial", required=True, help="trial id (see report/trials.csv)")
     export.add_argument("--out", required=True, help="new folder (must not exist or be empty)")
+    export.add_argument(
+        "--sparsity", type=float, help="an elastic trial's budget to export (required for one; see trials.csv's budget)"
+    )
     export.set_defaults(handler=_cmd_export)
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from atp_ray.cli import main
 from tests.conftest import tiny_run_config
-from test_report_browser import browser, front_markers, front_table_ids, open_report  # noqa: F401 (a fixture)
+from test_report_browser import browser, dense_stars, front_markers, front_table_ids, open_report  # noqa: F401 (a fixture)
 
 
 
@@ -149,6 +149,7 @@ def test_the_report_of_a_real_search_draws_its_front_in_chromium(search, browser
     assert 0 < len(front) < len(completed)  # both kinds of marker are on the page
     assert front_markers(report.page) == {t: t in front for t in completed}  # only completed trials are drawn
     assert front_table_ids(report.page) == front
+    assert len(dense_stars(report.page)) == 1  # the dense model (dense.json, measured once) on the one panel
     assert report.problems == [] and report.external == []
     report.page.close()
 

@@ -91,3 +91,84 @@ def test_speed_and_accuracy_objectives_are_reported_at_every_step_and_measured_a
     for r in intermediate:  # in flight: one dense reference, scaled by the share of parameters kept
         assert r["latency"] * r["throughput"] == pytest.approx(intermediate[0]["latency"] * intermediate[0]["throughput"])
         assert r["accuracy"] == 0.0
+
+
+def test_the_dense_model_is_measured_once_like_a_trial_s_model_on_the_same_split(finished_trial, tiny_model_dir):
+    """reference.json holds the dense model's objectives: its parameters, FLOPs and perplexity on
+    the run's own held-out split (the same blocks the trial's quality is measured on)."""
+    from atp_ray.search.objectives import DenseMeasure, dense_reference
+    from atp_ray.training.atp import FINAL_EVAL_BLOCKS
+    from tests.conftest import make_tiny_model
+
+    out, values, _ = finished_trial
+    dense = json.loads(TrialFolder(out).reference.read_text())
+    assert set(dense) == {"quality", "params", "flops", "parameters"}
+    assert dense["params"] == dense["parameters"] == sum(p.numel() for p in make_tiny_model("llama-gqa").parameters())
+    assert dense["params"] > values["params"] and dense["flops"] > values["flops"]
+    # The same split: measured the dense way, the trial's own compressed model scores its quality.
+    config = _config(tiny_model_dir)
+    same_split = DenseMeasure(
+        str(TrialFolder(out).compressed), config.data, config.train.seed, FINAL_EVAL_BLOCKS, config.train.batch_size,
+        "cpu", "float32",
+    )
+    assert same_split.task("domain-ppl", "perplexity", FINAL_EVAL_BLOCKS) == pytest.approx(values["quality"], rel=1e-6)
+    # Kept: a second call measures nothing (a measure that fails proves it).
+    assert dense_reference(None, OBJECTIVES, TrialFolder(out).reference) == dense
+
+
+@pytest.fixture(scope="module")
+def elastic_trial(tiny_model_dir, tmp_path_factory):
+    """One elastic trial: budgets 0.2 and 0.5 of one run."""
+    raw = tiny_run_config(tiny_model_dir, train={"steps": 6, "log_every": 2, "checkpoint_every": 3, "eval_every": 2})
+    raw["data"]["max_documents"] = 200
+    raw["atp"]["sparsity"] = [0.2, 0.5]
+    out = tmp_path_factory.mktemp("elastic-trial")
+    reports = []
+    values = run_trial(load_config(raw), out, objectives=OBJECTIVES[:2], report=reports.append)
+    return load_config(raw), out, values, reports
+
+
+def test_an_elastic_trial_compresses_and_measures_every_budget(elastic_trial):
+    config, out, values, reports = elastic_trial
+    folder = TrialFolder(out)
+    assert sorted(p.name for p in folder.compressed.iterdir()) == ["sparsity-0.2", "sparsity-0.5"]
+    saved = json.loads(folder.objectives.read_text())
+    assert set(saved["budgets"]) == {"0.2", "0.5"}
+    budgets = saved["budgets"]
+    assert budgets["0.5"]["params"] < budgets["0.2"]["params"]
+    # Optuna's vector: each objective's mean over the budgets; the report carries each budget too
+    for name in ("quality", "params"):
+        assert saved[name] == pytest.approx((budgets["0.2"][name] + budgets["0.5"][name]) / 2)
+        assert values[name] == saved[name] and values[f"{name}@0.5"] == budgets["0.5"][name]
+    assert folder.read_points() == {0.2: budgets["0.2"], 0.5: budgets["0.5"]}
+    # one definition of quality per budget: the run's own final perplexity at that budget
+    summary = json.loads(folder.run.summary.read_text())
+    for key in ("0.2", "0.5"):
+        assert budgets[key]["quality"] == pytest.approx(summary["budgets"][key]["eval_perplexity"], rel=1e-6)
+    assert reports[-1] == {**values, "step": 6.0, "final": 1.0}
+
+
+def test_an_elastic_trial_reports_each_budget_at_every_evaluation(elastic_trial):
+    _, _, _, reports = elastic_trial
+    intermediate = [r for r in reports if r["final"] == 0.0]
+    assert [r["step"] for r in intermediate] == [2, 4]
+    for r in intermediate:
+        assert r["quality@0.2"] == r["eval_perplexity@0.2"] and r["quality@0.5"] == r["eval_perplexity@0.5"]
+        # the objective is the mean over the budgets, not the training metric "params" of the step's drawn budget
+        assert r["params"] == pytest.approx((r["params@0.2"] + r["params@0.5"]) / 2)
+        assert r["quality"] == pytest.approx((r["quality@0.2"] + r["quality@0.5"]) / 2)
+
+
+def test_an_elastic_trial_restarted_in_compression_keeps_the_budgets_done(elastic_trial, tmp_path):
+    import shutil
+
+    config, out, values, _ = elastic_trial
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    folder = TrialFolder(copy)
+    folder.objectives.unlink()
+    shutil.rmtree(folder.model(0.5))  # as if it died after compressing the first budget
+    kept = folder.model(0.2).stat().st_mtime_ns
+    again = run_trial(config, copy, objectives=OBJECTIVES[:2])
+    assert folder.model(0.2).stat().st_mtime_ns == kept and (folder.model(0.5) / "compression.json").is_file()
+    assert again["params@0.5"] == values["params@0.5"] and again["quality"] == pytest.approx(values["quality"], rel=1e-5)

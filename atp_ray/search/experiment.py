@@ -6,6 +6,8 @@ An experiment folder holds
     study.journal      the Optuna study (JournalStorage): ``optuna-dashboard study.journal``
     trials/<trial_id>/ each trial's folder (atp_ray.search.trial): run/, compressed/,
                        objectives.json, trial.json (status, failure reason, wall time)
+    dense.json         the dense model's objectives, measured once by the first trial to start:
+                       the report's reference point (what pruning cost)
     early_stopping.jsonl  the early-stopping scheduler's rung records (when it is on)
     tune/              Ray Tune's experiment (results, TensorBoard logs, checkpoints), unless
                        the space's ``storage`` puts it in a bucket or elsewhere
@@ -36,6 +38,7 @@ STUDY_FILE = "study.journal"
 TUNE_NAME = "tune"
 TRIALS_DIR = "trials"
 RUNGS_FILE = "early_stopping.jsonl"  # the early-stopping scheduler's rung records
+DENSE_FILE = "dense.json"  # the dense model's objectives (atp_ray.search.objectives.dense_reference)
 REPORT_DIR = "report"
 
 
@@ -150,6 +153,10 @@ class Experiment:
     @property
     def rungs(self) -> Path:
         return self.root / RUNGS_FILE
+
+    @property
+    def dense(self) -> Path:
+        return self.root / DENSE_FILE
 
     @property
     def report(self) -> Path:

@@ -8,19 +8,25 @@ module, says how to get both, so adding an objective is one entry there and its 
 table in docs/search.md lists them (tests/test_docs.py keeps it equal to the registry).
 
 Speed measurements are noisy on shared machines; ``flops`` ranks by compute and never
-changes between runs. The intermediate speed figures are estimates from the dense model's
-measurement (taken once per trial) so that early stopping can compare trials mid-run.
+changes between runs. The dense model the trials start from is measured once, like a trial's
+compressed model (:func:`dense_reference`): it is the report's reference point (what pruning
+cost), and its speed figures scaled by the kept share are the intermediate speed estimates, so
+that early stopping can compare trials mid-run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from atp_ray.config import DataConfig
 
 Mode = Literal["min", "max"]
 
@@ -88,8 +94,8 @@ class FinalMeasure:
     """Measures one compressed model folder, loaded in ``dtype`` on ``device``; each speed
     measurement runs once (one latency run gives both latency and throughput)."""
 
-    def __init__(self, compressed: Path, eval_blocks: int, batch_size: int, device: str, dtype: str):
-        self.compressed = compressed
+    def __init__(self, model: Path | str, eval_blocks: int, batch_size: int, device: str, dtype: str):
+        self.model = model
         self.eval_blocks = eval_blocks
         self.batch_size = batch_size
         self.device = device
@@ -101,7 +107,7 @@ class FinalMeasure:
         from atp_ray.evaluation.eval_recipe import run_eval
 
         report = run_eval(
-            str(self.compressed), [task], max_samples=samples, batch_size=self.batch_size, dtype=self.dtype,
+            str(self.model), [task], max_samples=samples, batch_size=self.batch_size, dtype=self.dtype,
             device=self.device,
         )
         (result,) = report["tasks"].values()
@@ -111,13 +117,53 @@ class FinalMeasure:
         """The compressed model's exact parameter count, from its record."""
         from atp_ray.compression.compress import read_record
 
-        return float(read_record(self.compressed).params)
+        return float(read_record(self.model).params)
 
     def speed(self, name: str) -> float:
         """One speed figure (latency, throughput, flops)."""
         if name not in self._speed:
-            self._speed |= _speed(self.compressed, {name}, self.device, self.dtype)
+            self._speed |= _speed(self.model, {name}, self.device, self.dtype)
         return self._speed[name]
+
+
+class DenseMeasure(FinalMeasure):
+    """Measures the dense model the trials start from (a hub id, local folder or the embedded
+    model) as :class:`FinalMeasure` measures a compressed one. A compressed folder knows the
+    data its run held out; the dense model does not, so ``data`` and ``seed`` (the trials' run
+    config's ``data`` and ``train.seed``) say which held-out split its perplexity is taken on."""
+
+    def __init__(self, model: str, data: DataConfig, seed: int, eval_blocks: int, batch_size: int, device: str, dtype: str):
+        super().__init__(model, eval_blocks, batch_size, device, dtype)
+        self.data, self.seed = data, seed
+        self._parameters: float | None = None
+
+    def task(self, task: str, metric: str, samples: int) -> float:
+        """One metric of one task, scored on the trials' own held-out split (the model is loaded
+        for the call and dropped after it, so that a big model is never held twice)."""
+        from atp_ray.evaluation.targets import load_target
+        from atp_ray.evaluation.tasks import TaskContext, resolve_tasks
+
+        (build,) = resolve_tasks([task])
+        target = load_target(str(self.model), self.dtype).to(torch.device(self.device))
+        self._parameters = float(target.parameters)
+        context = TaskContext(
+            tokenizer=target.tokenizer,
+            max_length=target.model.config.max_position_embeddings,
+            max_samples=samples,
+            batch_size=self.batch_size,
+            data=self.data,
+            seed=self.seed,
+        )
+        with target.active() as model:
+            return float(build(context).score(model).values[metric])
+
+    def params(self) -> float:
+        """The dense model's parameter count (every parameter: nothing is pruned)."""
+        if self._parameters is None:
+            from atp_ray.evaluation.targets import load_target
+
+            self._parameters = float(load_target(str(self.model), self.dtype).parameters)
+        return self._parameters
 
 
 def final_objectives(
@@ -157,19 +203,33 @@ def _speed(model: Path | str, names: set[str], device: str, dtype: str = "float3
 # -- intermediate values ------------------------------------------------------------------------
 
 
-def dense_reference(model_path: str, dtype: str, objectives: list[Objective], device: str, cache: Path) -> dict[str, float]:
-    """Speed objectives of the dense model and its ``parameters``, measured once and kept in ``cache``."""
-    names = {o.name for o in objectives if o.kind.speed}
-    if not names:
-        return {}
-    if cache.is_file():
-        return json.loads(cache.read_text())
+def dense_reference(measure: DenseMeasure, objectives: list[Objective], cache: Path) -> dict[str, float]:
+    """The dense model's value of every objective and its ``parameters``, measured once and kept in ``cache``.
+
+    The values are what pruning starts from: the report draws them as the dense model's point,
+    and the intermediate speed estimates scale its speed figures by the kept share. ``cache``
+    may be shared by the trials of a search (the experiment's ``dense.json``): the first to come
+    measures, under a lock, and the others wait and read; an objective the cache lacks (a cache
+    from an older search, or another space on the same folder) is measured and added.
+    """
+    cached = _read_reference(cache)
+    if all(o.name in cached for o in objectives) and "parameters" in cached:
+        return cached
     from atp_ray.runtime.run_folder import atomic_write_json
 
-    reference = _speed(model_path, names, device, dtype)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache, reference)
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first trials: one measures, the others wait
+        reference = _read_reference(cache)
+        missing = [o for o in objectives if o.name not in reference]
+        reference |= {o.name: float(o.kind.final(measure, o)) for o in missing}
+        reference.setdefault("parameters", measure.params())
+        atomic_write_json(cache, reference)
     return reference
+
+
+def _read_reference(cache: Path) -> dict[str, float]:
+    return json.loads(cache.read_text()) if cache.is_file() else {}
 
 
 def intermediate_objectives(

@@ -196,6 +196,7 @@ def trainable(params: dict[str, Any], experiment_dir: str) -> None:
             report=reporter,
             workers=workers,
             name=f"{experiment.root.name}-{trial_id}",
+            dense=experiment.dense,  # measured once per search, by the first trial to start
         )
     except SystemExit:  # Tune ends a function trainable that its scheduler stopped this way
         record.close("STOPPED", None)
