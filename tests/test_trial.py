@@ -172,3 +172,42 @@ def test_an_elastic_trial_restarted_in_compression_keeps_the_budgets_done(elasti
     again = run_trial(config, copy, objectives=OBJECTIVES[:2])
     assert folder.model(0.2).stat().st_mtime_ns == kept and (folder.model(0.5) / "compression.json").is_file()
     assert again["params@0.5"] == values["params@0.5"] and again["quality"] == pytest.approx(values["quality"], rel=1e-5)
+
+
+def test_concurrent_trials_measure_the_dense_model_once_and_an_older_cache_is_completed(tmp_path):
+    """dense.json is shared by a search's trials: the first measures under a lock, the others wait and read."""
+    import threading
+    import time
+
+    from atp_ray.search.objectives import dense_reference
+
+    class Measure:  # stands for DenseMeasure: counts what it is asked
+        eval_blocks = 32
+
+        def __init__(self):
+            self.calls = []
+
+        def task(self, task, metric, samples):
+            self.calls.append(task)
+            time.sleep(0.2)  # long enough for the other threads to arrive while it measures
+            return 20.0
+
+        def params(self):
+            self.calls.append("params")
+            return 1000.0
+
+        def speed(self, name):
+            self.calls.append(name)
+            return 5.0
+
+    cache, measure = tmp_path / "dense.json", Measure()
+    threads = [threading.Thread(target=dense_reference, args=(measure, OBJECTIVES[:2], cache)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert measure.calls == ["domain-ppl", "params"]  # one measurement for the three of them
+    assert json.loads(cache.read_text()) == {"quality": 20.0, "params": 1000.0, "parameters": 1000.0}
+    # a cache without an objective asked now (an older search's) gets it added, the rest kept
+    assert dense_reference(measure, OBJECTIVES, cache)["flops"] == 5.0
+    assert measure.calls == ["domain-ppl", "params", "flops"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 
 if TYPE_CHECKING:
     from atp_ray.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["min", "max"]
 
@@ -219,11 +222,15 @@ def dense_reference(measure: DenseMeasure, objectives: list[Objective], cache: P
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache.with_name(cache.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first trials: one measures, the others wait
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first trials: one measures, the others wait
+        except OSError:  # a shared file system without locks: each may measure, the last write stays
+            log.warning("%s: cannot lock it; concurrent trials may each measure the dense model", cache)
         reference = _read_reference(cache)
         missing = [o for o in objectives if o.name not in reference]
         reference |= {o.name: float(o.kind.final(measure, o)) for o in missing}
-        reference.setdefault("parameters", measure.params())
+        if "parameters" not in reference:  # the dense parameter count: the params objective's value, when asked
+            reference["parameters"] = reference["params"] if "params" in reference else measure.params()
         atomic_write_json(cache, reference)
     return reference
 
