@@ -112,3 +112,14 @@ def test_early_stopping_grace_counts_held_out_evaluations_not_steps(tmp_path):
     assert space.early_stopping.grace == 2 and base["train"]["eval_every"] == 200
     scheduler = _scheduler(Experiment(tmp_path, space, base, str(tmp_path)))
     assert scheduler.rungs.grace == 400
+
+
+@pytest.mark.parametrize("where", ["knobs", "overrides"])
+def test_a_space_makes_every_trial_elastic_with_a_fixed_sparsity_range(where, tmp_path):
+    budgets = {"atp.sparsity": {"range": [0.2, 0.6], "points": 3}}
+    knobs = {"atp.lasso_weight": {"loguniform": [0.001, 0.1]}}
+    changes = dict(knobs={**knobs, **budgets}) if where == "knobs" else dict(knobs=knobs, overrides=budgets)
+    space, base = load_space(_space(tmp_path, **changes))
+    assert list(space.searched) == ["atp.lasso_weight"]
+    config = space.run_config({"atp.lasso_weight": 0.01}, base)
+    assert config.atp.elastic and config.atp.budgets == (0.2, 0.4, 0.6)

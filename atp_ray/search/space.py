@@ -11,6 +11,7 @@ every problem (the CLI exits 2). A space reads::
       lora.rank: {choice: [4, 8]}
       train.warmup_steps: {int: [0, 10]}
       train.seed: 0                     # a fixed value
+      # atp.sparsity: {range: [0.2, 0.6], points: 5}   # fixed too: every trial elastic, one model per budget
     objectives: [{name: quality}, {name: params, mode: min}]
     sampler: {name: nsga2, seed: 0}     # a name of atp_ray.search.samplers.SAMPLERS
     trials: 6
@@ -59,7 +60,9 @@ class Knob(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _scalar_is_fixed(cls, value: Any) -> Any:
-        return value if isinstance(value, dict) else {"fixed": value}
+        # A mapping is a distribution, except the run config's own sparsity range (an elastic run's
+        # budgets, ``{range: [lo, hi], points: n}``), which is a fixed value like a list of budgets.
+        return value if isinstance(value, dict) and "range" not in value else {"fixed": value}
 
     @model_validator(mode="after")
     def _one_distribution(self) -> Knob:
