@@ -115,3 +115,19 @@ def test_export_of_an_elastic_trial_takes_one_of_its_budgets(elastic_search, tmp
     assert sum(p.numel() for p in model.parameters()) == row["obj.params"]
     assert json.loads((dest / "objectives.json").read_text()) == pytest.approx({"quality": row["obj.quality"], "params": row["obj.params"]})
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == 64
+
+
+def test_mlflow_is_given_names_it_accepts():
+    """MLflow refuses "@" in metric names (letters, digits, _ - . / and spaces only)."""
+    import re
+    from types import SimpleNamespace
+
+    from atp_ray.search.tuner import MLflowLogger
+
+    logged = {}
+    logger = MLflowLogger.__new__(MLflowLogger)  # without mlflow installed: only the renaming is tested
+    logger._trial_runs = {"trial": "run-1"}
+    logger.mlflow_util = SimpleNamespace(log_metrics=lambda run_id, metrics_to_log, step: logged.update(metrics_to_log))
+    logger.log_trial_result(1, "trial", {"training_iteration": 1, "quality": 60.0, "quality@0.2": 50.0, "eval_perplexity@0.35": 51.0})
+    assert logged == {"training_iteration": 1, "quality": 60.0, "quality_at_0.2": 50.0, "eval_perplexity_at_0.35": 51.0}
+    assert all(re.fullmatch(r"[/\w.\- ]+", name) for name in logged)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback  # mlflow itself is imported only when one is made
 from ray.tune.search.optuna import OptunaSearch
 
 from atp_ray.cluster.config import DRIVER_RESOURCE
@@ -349,12 +350,18 @@ def _trainable_for(experiment: Experiment) -> Any:
     return tune.with_resources(tune.with_parameters(trainable, experiment_dir=str(experiment.root)), resources)
 
 
+class MLflowLogger(MLflowLoggerCallback):
+    """Ray's MLflow logger, with report keys MLflow accepts: its names allow no "@", so an elastic
+    trial's ``quality@0.2`` (and the run's ``eval_perplexity@0.2``) is logged as ``quality_at_0.2``."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        super().log_trial_result(iteration, trial, {k.replace("@", "_at_"): v for k, v in result.items()})
+
+
 def _callbacks(space: SearchSpace) -> list[Any]:
     if space.mlflow is None:
         return []
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    return [MLflowLoggerCallback(tracking_uri=space.mlflow.tracking_uri, experiment_name=space.mlflow.experiment_name)]
+    return [MLflowLogger(tracking_uri=space.mlflow.tracking_uri, experiment_name=space.mlflow.experiment_name)]
 
 
 def _scheduler(experiment: Experiment) -> Any:
