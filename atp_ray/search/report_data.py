@@ -8,9 +8,9 @@ colour scale per knob. A *point* is one model: a trial's, or, for an elastic tri
 per sparsity budget), one budget's; it is named ``trial_id`` or ``trial_id@budget``. The
 table's optional ``DENSE`` row is the dense model the search started from: set apart as
 ``ReportData.dense``, drawn on every front panel and named in the summary as a reference, never
-on the front, in the hypervolume or in the written trial tables. The drawers (``report_html`` with Plotly, ``report_png`` with
-Matplotlib) only draw what it prepared; ``report`` writes the files. No Ray here: the report
-also runs on a copied folder.
+on the front, in the hypervolume or in the written trial tables. The drawers (``report_html``
+with Plotly, ``report_png`` with Matplotlib) only draw what it prepared; ``report`` writes the
+files. No Ray here: the report also runs on a copied folder.
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def _check_table(table: pd.DataFrame, objectives: Mapping[str, str]) -> None:
         raise ValueError(f"trial table: at most one {DENSE} row (the dense model), got {(table['status'] == DENSE).sum()}")
     labels = pd.Series([point_label(t, b) for t, b in zip(table["trial_id"], table[BUDGET])])
     if labels.duplicated().any():
-        raise ValueError(f"trial table: (trial_id, budget) must be unique, repeated {sorted(set(labels[labels.duplicated()]))}")
+        repeated = sorted(set(labels[labels.duplicated()]))
+        raise ValueError(f"trial table: (trial_id, budget) must be unique, repeated {repeated}")
 
 
 def _colour_scale(series: pd.Series) -> ColourScale:

@@ -57,9 +57,8 @@ def _dense_trace(data: ReportData, x: str, y: str) -> go.Scatter | None:
     dense = data.dense
     if dense is None or not (np.isfinite(dense[x]) and np.isfinite(dense[y])):
         return None
-    hover = "<br>".join(
-        ["<b>dense</b>", "the model before tuning and pruning"] + [f"{html.escape(c)}: {_fmt(dense[c])}" for c in data.objective_columns]
-    )
+    values = [f"{html.escape(c)}: {_fmt(dense[c])}" for c in data.objective_columns]
+    hover = "<br>".join(["<b>dense</b>", "the model before tuning and pruning", *values])
     return go.Scatter(
         x=[dense[x]], y=[dense[y]], mode="markers+text", text=["dense"], textposition="top center",
         marker=dict(symbol=DENSE_SYMBOL, size=18, color=DENSE_COLOUR, line=dict(width=1, color="#222")),
@@ -191,6 +190,9 @@ def _div(fig: go.Figure, div_id: str) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False, "responsive": True})
 
 
+ELASTIC_NOTE = " (one point per budget of an elastic trial, named trial@budget)"
+
+
 def render_html(data: ReportData, summary: ReportSummary) -> str:
     """The whole report page as one HTML string."""
     banner = (
@@ -208,7 +210,7 @@ def render_html(data: ReportData, summary: ReportSummary) -> str:
 {banner}
 {_summary(summary)}
 <h2>Pareto front</h2>
-<p class="note">Completed trials only{' (one point per budget of an elastic trial, named trial@budget)' if data.elastic else ''};
+<p class="note">Completed trials only{ELASTIC_NOTE if data.elastic else ''};
 diamonds with a dark outline are on the Pareto front. Stopped, failed and running trials are never on it.
 {'The red star is the dense model the search started from: what pruning cost.' if data.dense is not None else ''}</p>
 {_div(front_figure(data), "front")}
