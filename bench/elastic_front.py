@@ -22,6 +22,7 @@ when it exceeds two standard errors of the difference (n questions each).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -33,9 +34,9 @@ import numpy as np
 import torch
 
 from atp_ray.compression.compress import compress_run
-from atp_ray.config import apply_overrides
+from atp_ray.config import apply_overrides, load_config
 from atp_ray.evaluation.eval_recipe import run_eval
-from atp_ray.runtime.run_folder import budget_key
+from atp_ray.runtime.run_folder import RunFolder, budget_key
 from atp_ray.search.front import hypervolume, pareto_mask
 from bench._runs import base_config, timed_run, with_overrides
 
@@ -46,6 +47,10 @@ REFERENCE_PERPLEXITY = 1000.0
 SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), "icd": ("icd10-chapter", "accuracy")}
 
 Points = dict[float, dict[str, float]]  # budget -> scores of its compressed model
+# In each run folder the bench trained: its training cost, so that a rerun with the same --keep
+# folder reuses finished runs of the same config and their scores (model-*.scores.json), e.g.
+# the dedicated runs when only an elastic variant is new. Delete a folder to run it again.
+COST_FILE = "bench-cost.json"
 
 
 @dataclass
@@ -57,10 +62,18 @@ class Side:
     cpu_s: float = 0.0  # CPU time of every thread of this process while training
 
     def train(self, raw: dict[str, Any], out: Path) -> None:
-        cpu = time.process_time()
-        _, wall = timed_run(raw, out)
-        self.cpu_s += time.process_time() - cpu
-        self.wall_s += wall
+        """Train ``raw`` into ``out`` and add its cost; a run a kept folder already finished is reused."""
+        cost_file = out / COST_FILE
+        if cost_file.is_file() and RunFolder(out).is_finished() and RunFolder(out).read_config() == load_config(raw).to_dict():
+            cost = json.loads(cost_file.read_text())
+            print(f"{out.name}: reused (finished, {cost['cpu_s']:.0f} CPU s)", flush=True)
+        else:
+            cpu = time.process_time()
+            _, wall = timed_run(raw, out)
+            cost = {"wall_s": wall, "cpu_s": time.process_time() - cpu}
+            cost_file.write_text(json.dumps(cost))
+        self.cpu_s += cost["cpu_s"]
+        self.wall_s += cost["wall_s"]
 
 
 def score(model_dir: Path, max_samples: int | None) -> dict[str, float]:
@@ -70,10 +83,19 @@ def score(model_dir: Path, max_samples: int | None) -> dict[str, float]:
 
 
 def compress_and_score(run_dir: Path, budget: float | None, out: Path, max_samples: int | None) -> dict[str, float]:
-    """Compress a finished run's model (an elastic run's at ``budget``) into ``out`` and score it."""
+    """Compress a finished run's model (an elastic run's at ``budget``) into ``out`` and score it (or reuse both)."""
+    scores_file = out.with_name(f"{out.name}.scores.json")
+    if scores_file.is_file() and json.loads(scores_file.read_text())["max_samples"] == max_samples:
+        return json.loads(scores_file.read_text())["scores"]
     record = compress_run(run_dir, out, sparsity=budget)
-    scores = score(out, max_samples)
-    return {**scores, "params": float(record.params), "dense_params": float(record.dense_params), "sparsity": record.sparsity}
+    scores = {
+        **score(out, max_samples),
+        "params": float(record.params),
+        "dense_params": float(record.dense_params),
+        "sparsity": record.sparsity,
+    }
+    scores_file.write_text(json.dumps({"max_samples": max_samples, "scores": scores}))
+    return scores
 
 
 def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samples: int | None) -> Side:

@@ -22,7 +22,7 @@ BUDGETS = [0.2, 0.4]
 
 
 def elastic_config(model_dir) -> dict:
-    """A tiny elastic run whose two budgets freeze on target at step 21 of 30 (a strong lasso; checkpoints every 5 steps)."""
+    """A tiny elastic run whose two budgets freeze on target at step 19 of 30 (a strong lasso; checkpoints every 5 steps)."""
     return tiny_run_config(
         model_dir,
         atp={"sparsity": BUDGETS, "control_fraction": 0.6, "freeze_patience": 2, "lasso_weight": 1.0},
@@ -105,7 +105,7 @@ def test_masks_within_a_smaller_budget_are_nested_and_exact():
     space = PruningSpace.from_config(make_tiny_model("llama-gqa").config)
     torch.manual_seed(0)
     generator = PruningGenerator(space, budgets=(0.2, 0.6))
-    torch.nn.init.normal_(generator.budget_direction)  # budgets rank units differently
+    torch.nn.init.normal_(generator.budget_directions)  # budgets rank units differently
     small = generator.masks_at_sparsity(0.2, budget=0.2)
     free = generator.masks_at_sparsity(0.6, budget=0.6)
     nested = generator.masks_at_sparsity(0.6, budget=0.6, within=small)
@@ -183,7 +183,7 @@ def test_eval_scores_an_elastic_run_at_the_budget_asked(elastic_run):
 
 @pytest.mark.parametrize("checkpoints, phase", [(2, "control"), (5, "frozen")])
 def test_interrupted_elastic_run_resumes_exactly(elastic_run, tmp_path, monkeypatch, checkpoints, phase):
-    """Stopped at step 10 (control) or 25 (frozen at 21) and resumed: bit-identical to the whole run."""
+    """Stopped at step 10 (control) or 25 (frozen at 19) and resumed: bit-identical to the whole run."""
     raw, reference, summary = elastic_run
     stop_step = checkpoints * raw["train"]["checkpoint_every"]
     rows = [json.loads(line) for line in reference.metrics.read_text().splitlines()]

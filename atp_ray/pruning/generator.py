@@ -6,8 +6,9 @@ one bias-free linear head per (layer, unit kind) maps to that group's unit count
 those heads depend on the model's shape, so one design serves any model size.
 
 An elastic run's generator also reads its sparsity budget: the budget moves every layer's
-encoded state along one learned direction, so each unit's logit moves linearly with the
-budget and one generator emits a mask for each size (see docs/method.md).
+encoded state along two learned directions (by the budget and by its square), so each
+unit's logit is a quadratic in the budget and one generator emits a mask for each size
+(see docs/method.md).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class PruningGenerator(nn.Module):
         if self.conditioned:
             # Zero at first, so every budget starts from the same decisions (and no random draw
             # is added: a single run's stream stays as it was). Budgets enter scaled to [-1, 1]
-            # over their range. Added before the encoder instead, the shift barely moved the logits.
-            self.budget_direction = nn.Parameter(torch.zeros(width))
+            # over their range. Added before the encoder instead, the shift barely moved the
+            # logits; with the linear term alone, three budgets could not all be met (tiny model:
+            # 0.0 / 0.31 / 0.61 for 0.2 / 0.4 / 0.6, against 0.15 / 0.37 / 0.62 with the square).
+            self.budget_directions = nn.Parameter(torch.zeros(2, width))
             low, high = min(budgets), max(budgets)
             self.register_buffer("budget_centre", torch.tensor((low + high) / 2))
             self.register_buffer("budget_half_range", torch.tensor(max(high - low, 1e-6) / 2))
@@ -103,8 +106,10 @@ class PruningGenerator(nn.Module):
         if self.conditioned != (budget is not None):
             want = "a sparsity budget" if self.conditioned else "no budget (it was built for one)"
             raise ValueError(f"this generator takes {want}")
-        if budget is not None:  # along one learned direction, by the budget scaled to [-1, 1]
-            hidden = hidden + (budget - self.budget_centre) / self.budget_half_range * self.budget_direction
+        if budget is not None:  # along two learned directions, by the budget scaled to [-1, 1] and its square
+            scaled = (budget - self.budget_centre) / self.budget_half_range
+            # The square is centred on its mean over [-1, 1], so the two directions start independent.
+            hidden = hidden + torch.stack([scaled, scaled**2 - 1 / 3]) @ self.budget_directions
         logits = {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
         if self.has_prior:
             logits = {g: logit + getattr(self, f"prior_{_head_key(g)}") for g, logit in logits.items()}

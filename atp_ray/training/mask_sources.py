@@ -264,7 +264,7 @@ class LearnedMasks(MaskSource):
         with masked(bench.model, bench.space, masks):
             with bench.autocast():
                 task_loss = bench.model(**batch).loss
-            budget_loss, metrics = controller.loss(bench.space.kept_fraction(masks), step)
+            budget_loss, metrics = self._budget_terms(step, masks, controller, budget)
             # Gradients of the generator alone: LoRA keeps requires_grad (a DeepSpeed engine owns
             # it and must not see it toggled) and gets no .grad from this pass.
             params = list(self.generator.parameters())
@@ -289,11 +289,17 @@ class LearnedMasks(MaskSource):
         masks = self.generator(self._noise(step, 0), budget)  # the same on every rank: same weights, same noise
         leaves = {g: m.detach().requires_grad_() for g, m in masks.items()}
         metrics = lora_step(leaves)
-        budget_loss, budget_metrics = controller.loss(self.bench.space.kept_fraction(masks), step)
+        budget_loss, budget_metrics = self._budget_terms(step, masks, controller, budget)
         # The strategy's backward already divided each micro-batch's loss by the accumulation.
         torch.autograd.backward([budget_loss, *masks.values()], [None, *(leaf.grad for leaf in leaves.values())])
         self._update_generator()
         return detach_masks(leaves), {"generator_loss": metrics["loss"], **metrics, **budget_metrics}
+
+    def _budget_terms(
+        self, step: int, masks: Masks, controller: BudgetController, budget: float | None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The generator's budget loss for the mask it sampled this step (``budget``'s, under ``controller``)."""
+        return controller.loss(self.bench.space.kept_fraction(masks), step)
 
     def _update_generator(self) -> None:
         """Average the generator's gradients over ranks, clip and step (it stays replicated)."""
