@@ -132,6 +132,7 @@ def early_stopping_search(enabled: bool, settings: Settings, base: dict[str, Any
     run_search(experiment)
     wall = time.monotonic() - start
     table = trial_table(experiment)
+    table = table[table.status != "DENSE"]  # the dense reference row: no run of its own
     steps = 0
     for run_dir in table.run_dir:
         metrics = Path(run_dir) / "metrics.jsonl"

@@ -138,22 +138,25 @@ def test_elastic_run_freezes_every_budget_nested_and_on_target(elastic_run):
 
 
 def test_lasso_empties_lora_only_of_units_cut_at_every_budget(elastic_run):
-    """Channels cut at both budgets lose their LoRA weights; those cut only at 0.4 keep theirs."""
+    """Channels cut at both budgets lose their LoRA weights; those cut only at 0.4 keep theirs,
+    as the channels both budgets keep do."""
     raw, folder, _ = elastic_run
     space = PruningSpace.from_config(_model_config(raw))
     weights = load_file(folder.adapter / "adapter_model.safetensors")
     masks = {b: folder.read_mask(space, b) for b in BUDGETS}
-    everywhere, somewhere = [], []
+    norms = {"cut everywhere": [], "cut at 0.4 only": [], "kept everywhere": []}
     for layer in range(space.num_layers):
-        down_a = next(v for k, v in weights.items() if f"layers.{layer}.mlp.down_proj.lora_A" in k)
-        norms = down_a.norm(dim=0)
+        column_norms = next(v for k, v in weights.items() if f"layers.{layer}.mlp.down_proj.lora_A" in k).norm(dim=0)
         group = space.group(layer, UnitKind.MLP_CHANNEL)
-        everywhere.append(norms[masks[0.2][group] == 0])
-        somewhere.append(norms[(masks[0.2][group] == 1) & (masks[0.4][group] == 0)])
-    everywhere, somewhere = torch.cat(everywhere), torch.cat(somewhere)
-    assert len(everywhere) and len(somewhere)
-    # Measured: 0.72 here; 0.97 when the lasso empties each step's own cut (both groups near 0.05).
-    assert everywhere.mean() < 0.85 * somewhere.mean()
+        small, large = masks[0.2][group], masks[0.4][group]
+        norms["cut everywhere"].append(column_norms[small == 0])
+        norms["cut at 0.4 only"].append(column_norms[(small == 1) & (large == 0)])
+        norms["kept everywhere"].append(column_norms[large == 1])
+    mean = {name: float(torch.cat(values).mean()) for name, values in norms.items()}
+    # Measured against the channels both keep: 0.22 (cut everywhere) and 0.64 (cut at 0.4 only);
+    # 0.41 for the latter when the lasso empties each step's own cut.
+    assert mean["cut everywhere"] < 0.5 * mean["kept everywhere"]
+    assert mean["cut at 0.4 only"] > 0.55 * mean["kept everywhere"]
 
 
 def test_read_mask_of_an_elastic_run_needs_one_of_its_budgets(elastic_run):
