@@ -391,10 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--domain", help="data.source whose held-out split domain-ppl scores (default: the run's own, else builtin:hpo)"
     )
+    evaluate.add_argument("--sparsity", type=float, help="an elastic run folder: the budget whose mask is scored")
     evaluate.add_argument("--out", help="write the report as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
     _add_search_commands(commands)
-    evaluate.add_argument("--sparsity", type=float, help="an elastic run folder: the budget whose mask is scored")
     add_cluster_parser(commands)
     return parser
 
