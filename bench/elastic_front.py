@@ -1,6 +1,6 @@
 """One elastic ATP run against one dedicated run per sparsity: the front each makes, per CPU-hour.
 
-    python -m bench.elastic_front [--sparsities 0.2 0.3 0.4 0.5 0.6] [--max-samples 200] [--keep DIR]
+    python -m bench.elastic_front [--sparsities 0.2 0.3 0.4 0.5 0.6] [--draws sandwich cycle] [--keep DIR]
     python -m bench.elastic_front --quick      # a tiny model, two budgets, few steps (for tests)
     python -m bench.elastic_front --draws cycle atp.nested=false   # one elastic variant
 
@@ -185,7 +185,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sparsities", type=float, nargs="+", help="default 0.2 0.3 0.4 0.5 0.6 (0.2 0.4 with --quick)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out blocks and quiz questions scored per model")
     parser.add_argument(
-        "--draws", nargs="+", default=["sandwich", "cycle"], help="one elastic run per atp.budget_draw named"
+        "--draws", nargs="+", default=["sandwich"], help="one elastic run per atp.budget_draw named (sandwich, cycle)"
     )
     parser.add_argument("--keep", type=Path, help="write the run and model folders here and keep them")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
