@@ -2,7 +2,7 @@
 
     python -m bench.elastic_front [--sparsities 0.2 0.3 0.4 0.5 0.6] [--draws sandwich cycle] [--keep DIR]
     python -m bench.elastic_front --quick      # a tiny model, two budgets, few steps (for tests)
-    python -m bench.elastic_front --draws cycle atp.nested=false   # one elastic variant
+    python -m bench.elastic_front --keep DIR --elastic atp.nested=false   # a variant, reusing DIR's dedicated runs
 
 Every run starts from configs/embedded.yaml with the same data, seed and step count. The
 dedicated runs train one ATP run per sparsity; each elastic run trains one run with
@@ -22,6 +22,7 @@ when it exceeds two standard errors of the difference (n questions each).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import tempfile
@@ -109,13 +110,15 @@ def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samp
     return side
 
 
-def elastic(raw: dict[str, Any], workdir: Path, budgets: list[float], draw: str, max_samples: int | None) -> Side:
-    """One elastic run over every budget, drawing budgets by ``draw``."""
+def elastic(
+    raw: dict[str, Any], workdir: Path, budgets: list[float], draw: str, max_samples: int | None, tag: str = ""
+) -> Side:
+    """One elastic run over every budget, drawing budgets by ``draw``; ``tag`` ends its folders' names."""
     side = Side()
-    run = workdir / f"elastic-{draw}"
+    run = workdir / f"elastic-{draw}{tag}"
     side.train(with_overrides(raw, atp={"sparsity": budgets, "budget_draw": draw}), run)
     for budget in budgets:
-        side.points[budget] = compress_and_score(run, budget, workdir / f"model-{draw}-{budget_key(budget)}", max_samples)
+        side.points[budget] = compress_and_score(run, budget, workdir / f"model-{draw}{tag}-{budget_key(budget)}", max_samples)
         print(f"elastic ({draw}) {budget}: {side.points[budget]}", flush=True)
     print(f"elastic ({draw}) run: {side.cpu_s:.0f} CPU s", flush=True)
     return side
@@ -187,6 +190,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--draws", nargs="+", default=["sandwich"], help="one elastic run per atp.budget_draw named (sandwich, cycle)"
     )
+    parser.add_argument(
+        "--elastic", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of the elastic runs only, e.g. atp.nested=false"
+    )
     parser.add_argument("--keep", type=Path, help="write the run and model folders here and keep them")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. train.seed=1")
@@ -204,7 +210,12 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         raw = apply_overrides(base_config(args.quick, workdir), args.overrides)
         # The elastic runs first: the new thing fails early, if it fails.
-        elastic_sides = {f"1 elastic run ({d})": elastic(raw, workdir, budgets, d, max_samples) for d in args.draws}
+        # A copy: apply_overrides changes the dict it is given, and the dedicated runs read raw.
+        elastic_raw, tag = apply_overrides(copy.deepcopy(raw), args.elastic), "".join(f"-{o.replace('=', '-')}" for o in args.elastic)
+        elastic_sides = {
+            f"1 elastic run ({', '.join([d, *args.elastic])})": elastic(elastic_raw, workdir, budgets, d, max_samples, tag)
+            for d in args.draws
+        }
         sides = {f"{len(budgets)} dedicated runs": dedicated(raw, workdir, budgets, max_samples), **elastic_sides}
     reference = reference_point(sides)
     print(
