@@ -15,7 +15,7 @@ from atp_ray.pruning.importance import IMPORTANCE
 from atp_ray.pruning.losses import ratio_loss
 from atp_ray.pruning.masking import masked
 from atp_ray.runtime.process import ProcessContext
-from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.runtime.run_folder import RunFolder, budget_key
 from atp_ray.training.atp import ATPRecipe, run_atp
 from atp_ray.training.mask_sources import MASK_SOURCES, LearnedMasks
 
@@ -130,7 +130,8 @@ def test_resume_mid_control_restores_the_multipliers(tiny_model_dir, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_atp(load_config(raw), tmp_path / "run")
     folder = RunFolder(tmp_path / "run")
-    assert torch.load(folder.checkpoint, weights_only=True)["source"]["budget"]["multipliers"].abs().sum() > 0
+    controllers = torch.load(folder.checkpoint, weights_only=True)["source"]["controllers"]
+    assert controllers[budget_key(raw["atp"]["sparsity"])]["multipliers"].abs().sum() > 0
     monkeypatch.setattr(ATPRecipe, "_checkpoint", save)
     assert run_atp(load_config(raw), tmp_path / "run") == reference
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
@@ -168,7 +169,7 @@ def test_joint_step_gives_the_generator_the_gradient_of_its_own_loss(tiny_model_
 
     captured = []
     source._update_generator = lambda: captured.extend(p.grad.clone() if p.grad is not None else None for p in params)
-    step_masks, metrics = source._joint_step(0, recipe._lora_step)
+    step_masks, metrics = source._joint_step(0, recipe._lora_step, source.budget, None)
     assert metrics["loss"] == pytest.approx(task_loss.item())
     assert all(not m.requires_grad for m in step_masks.values())
     assert len(captured) == len(expected)
