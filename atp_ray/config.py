@@ -417,7 +417,7 @@ class BaselineSettings(_Section):
 
 
 # Teachers of the distillation term (atp_ray.training.distillation.TEACHERS; a test keeps them equal).
-DISTILL_TEACHERS = ("inplace", "dense")
+DISTILL_TEACHERS = ("inplace", "dense", "tuned")
 
 
 class DistillSettings(_Section):
@@ -439,13 +439,33 @@ class DistillSettings(_Section):
     teacher: Literal[DISTILL_TEACHERS] = Field(
         "inplace",
         description="inplace: the same model with the mask off and the current LoRA; dense: the untuned "
-        "base model (mask off, LoRA disabled)",
+        "base model (mask off, LoRA disabled); tuned: the base model with the LoRA of a finished dense "
+        "LoRA run (teacher_run)",
+    )
+    teacher_run: str | None = Field(
+        None,
+        description="teacher tuned only: the folder of a finished method=lora run of the same model, "
+        "whose adapter the teacher wears",
     )
     top_k: int | None = Field(
         None,
         gt=0,
         description="KL over the teacher's k most likely tokens only, renormalised (None = the whole vocabulary)",
     )
+
+    @field_validator("teacher_run")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        # A trial runs in its own working directory: a relative folder would name another place there.
+        return None if path is None else str(Path(os.path.expanduser(path)).resolve())
+
+    @model_validator(mode="after")
+    def _teacher_run_with_tuned(self) -> DistillSettings:
+        if self.teacher == "tuned" and self.teacher_run is None:
+            raise ValueError("teacher 'tuned' needs teacher_run: the folder of a finished method=lora run of this model")
+        if self.teacher != "tuned" and self.teacher_run is not None:
+            raise ValueError(f"teacher_run is read by teacher 'tuned' only (got teacher {self.teacher!r})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -556,6 +576,16 @@ class RunConfig(_Section):
             raise ValueError(
                 "distill.teacher 'inplace' is the unmasked model, which method lora trains itself: "
                 "use distill.teacher=dense or distill.weight=0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tuned_teacher_off_deepspeed(self) -> RunConfig:
+        # The teacher's adapter is loaded beside the trained one; DeepSpeed's engines were not tried with it.
+        if self.distill.weight > 0 and self.distill.teacher == "tuned" and self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"distill.teacher 'tuned' runs with distributed.strategy ddp only (got {self.distributed.strategy!r}): "
+                "use distill.teacher=dense or inplace under DeepSpeed"
             )
         return self
 

@@ -195,3 +195,29 @@ def load_run_model(
     base = load_model(model_cfg["path"], model_cfg.get("dtype", "float32"))
     model = PeftModel.from_pretrained(base, folder.adapter).merge_and_unload().eval()
     return model, space, masks
+
+
+def teacher_adapter(teacher_run: str, model_path: str) -> Path:
+    """The adapter folder of ``teacher_run``, checked to be a finished dense LoRA run of ``model_path``.
+
+    The tuned distillation teacher wears that adapter on the run's own base weights, so it must
+    have been trained on the same model and with nothing pruned (RunFolderError otherwise).
+    """
+    folder = RunFolder(Path(teacher_run))
+    if not folder.is_finished() or not folder.adapter.is_dir():
+        raise RunFolderError(
+            f"distill.teacher_run {teacher_run}: no finished run there (summary.json and adapter/ are missing); "
+            "train the teacher first with method=lora"
+        )
+    saved = folder.read_config()
+    if saved.get("method") != "lora":
+        raise RunFolderError(
+            f"distill.teacher_run {teacher_run}: a method={saved.get('method')} run; the tuned teacher is a "
+            "dense LoRA run (method=lora), whose model is whole"
+        )
+    if saved["model"]["path"] != model_path:
+        raise RunFolderError(
+            f"distill.teacher_run {teacher_run}: tuned {saved['model']['path']!r}, but this run trains "
+            f"{model_path!r}; the teacher's adapter fits only its own base model"
+        )
+    return folder.adapter

@@ -35,10 +35,10 @@ from atp_ray.evaluation.evaluate import perplexity
 from atp_ray.pruning.losses import lora_group_lasso, ratio_loss
 from atp_ray.pruning.masking import masked
 from atp_ray.pruning.structures import Masks, PruningSpace
-from atp_ray.runtime.modeling import enable_activation_checkpointing, load_model, load_tokenizer
+from atp_ray.runtime.modeling import enable_activation_checkpointing, load_model, load_tokenizer, teacher_adapter
 from atp_ray.runtime.process import CheckpointStore, FolderCheckpoints, ProcessContext
 from atp_ray.runtime.run_folder import RunFolder, atomic_write_bytes, atomic_write_json, budget_key
-from atp_ray.training.distillation import distillation_loss, teacher_logits
+from atp_ray.training.distillation import attach_tuned_teacher, distillation_loss, teacher_logits
 from atp_ray.training.elastic import ElasticMasks
 from atp_ray.training.mask_sources import MASK_SOURCES, Workbench
 from atp_ray.training.memory_plan import GIB, ModelShape, resolve_checkpointing
@@ -116,6 +116,8 @@ class ATPRecipe:
             task_type="CAUSAL_LM",
         )
         self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
+        if cfg.distill.weight > 0 and cfg.distill.teacher == "tuned":  # frozen: before the trained params are listed
+            attach_tuned_teacher(self.model, teacher_adapter(cfg.distill.teacher_run, cfg.model.path))
         self.space = PruningSpace.from_config(self.model.config)
         self.checkpointing = self._wants_checkpointing()
         if self.checkpointing:
@@ -371,7 +373,7 @@ class ATPRecipe:
     def _save_adapter(self) -> None:
         partial = self.folder.adapter.with_name("adapter.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        self.model.save_pretrained(partial)
+        self.model.save_pretrained(partial, selected_adapters=["default"])  # not a tuned teacher's
         shutil.rmtree(self.folder.adapter, ignore_errors=True)
         partial.rename(self.folder.adapter)
 

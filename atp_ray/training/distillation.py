@@ -1,14 +1,18 @@
 """Logit distillation for the LoRA step: the masked model learns the next-token distribution of a teacher.
 
-The teacher is the model being trained, run once more without a second copy of any weight:
+The teacher is the model being trained, run once more without a second copy of the base weights:
 
 * ``inplace``  the same weights with the mask off and the current LoRA (the full network
                teaching its sub-network, as in slimmable / once-for-all networks);
 * ``dense``    the untuned dense base model: the mask off and LoRA disabled (peft's
-               ``disable_adapter``), so the student is pulled towards what it started from.
+               ``disable_adapter``), so the student is pulled towards what it started from;
+* ``tuned``    the base model wearing a finished dense LoRA run's adapter, loaded beside the
+               trained one (:func:`attach_tuned_teacher`) and picked for the teacher's rows by
+               peft's per-sample ``adapter_names``: a domain-tuned teacher that the student's
+               updates cannot move, for the price of one more (small) adapter.
 
-Either way the teacher's forward runs under ``torch.no_grad`` in eval mode (no dropout): it
-builds no autograd graph, adds no parameter and leaves the model's modes as it found them.
+Each teacher's forward runs under ``torch.no_grad`` in eval mode (no dropout): it
+builds no autograd graph, adds no trainable parameter and leaves the model's modes as it found them.
 It must run outside any ``masked`` context, since the mask hooks would mask it too.
 
 The loss is ``T^2 * KL(teacher_T || student_T)``, averaged over the target tokens (those
@@ -21,21 +25,49 @@ cache of the teacher's top-k logits would give. Plain PyTorch: no Ray, no DeepSp
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from atp_ray.data.batches import IGNORE_INDEX
 
-__all__ = ["TEACHERS", "distillation_loss", "teacher_logits"]
+__all__ = ["TEACHERS", "TEACHER_ADAPTER", "attach_tuned_teacher", "distillation_loss", "teacher_logits"]
 
-# teacher name (config distill.teacher) -> the context in which the model plays that teacher.
-TEACHERS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager]] = {
-    "inplace": lambda model: contextlib.nullcontext(),
-    "dense": lambda model: model.disable_adapter(),  # a peft model: the base weights alone
+# The name of the tuned teacher's adapter beside the trained one (peft's "default").
+TEACHER_ADAPTER = "teacher"
+
+
+def _inplace(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    return model(**inputs).logits
+
+
+def _dense(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    with model.disable_adapter():  # a peft model: the base weights alone
+        return model(**inputs).logits
+
+
+def _tuned(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    # Per-sample adapter selection leaves the active adapter and every requires_grad untouched.
+    return model(**inputs, adapter_names=[TEACHER_ADAPTER] * len(inputs["input_ids"])).logits
+
+
+# teacher name (config distill.teacher) -> the teacher's logits on the inputs, given the model being trained.
+TEACHERS: dict[str, Callable[[nn.Module, dict[str, Tensor]], Tensor]] = {
+    "inplace": _inplace,
+    "dense": _dense,
+    "tuned": _tuned,
 }
+
+
+def attach_tuned_teacher(model: nn.Module, adapter_dir: Path) -> None:
+    """Load the peft adapter in ``adapter_dir`` into ``model`` as the frozen ``TEACHER_ADAPTER``.
+
+    The trained adapter stays the active one; the teacher's weights get no gradient and are
+    not trained parameters (collect those after this call).
+    """
+    model.load_adapter(str(adapter_dir), adapter_name=TEACHER_ADAPTER, is_trainable=False)
 
 
 @torch.no_grad()
@@ -48,9 +80,8 @@ def teacher_logits(model: nn.Module, batch: dict[str, Tensor], teacher: str) -> 
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with TEACHERS[teacher](model):
-            # Without labels: the teacher's own loss would be computed for nothing.
-            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # Without labels: the teacher's own loss would be computed for nothing.
+        return TEACHERS[teacher](model, {k: v for k, v in batch.items() if k != "labels"})
     finally:
         for module, training in modes.items():
             module.training = training
