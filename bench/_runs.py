@@ -8,6 +8,7 @@ so a test can check that a script runs and prints its table; its numbers mean no
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from atp_ray.config import load_config
 from atp_ray.runtime.modeling import load_tokenizer
+from atp_ray.runtime.run_folder import RunFolder
 from atp_ray.training.atp import run_atp
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded.yaml"
@@ -73,6 +75,14 @@ def timed_run(raw: dict[str, Any], out: Path) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     summary = run_atp(config, out)
     return summary, time.perf_counter() - start
+
+
+def kept_or_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The summary of ``raw``'s run in ``out``: read when a kept folder holds it finished, else trained now."""
+    folder = RunFolder(out)
+    if folder.is_finished() and folder.read_config() == load_config(raw).to_dict():
+        return json.loads(folder.summary.read_text())
+    return timed_run(raw, out)[0]
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:

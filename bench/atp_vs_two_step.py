@@ -1,6 +1,7 @@
 """ATP vs prune-then-tune vs dense LoRA at equal data and steps: quality side by side.
 
     python -m bench.atp_vs_two_step [--sparsities 0.2 0.4 0.6] [--seeds 0 1] [--max-samples 200] [--keep DIR]
+                                    [--teacher tuned|inplace|dense]
     python -m bench.atp_vs_two_step --quick       # a tiny model, one sparsity (for tests)
     python -m bench.atp_vs_two_step atp.generator_every=2 --methods atp --sparsities 0.4  # one method, a variant
 
@@ -9,13 +10,15 @@ Every run starts from configs/embedded.yaml and differs only in what its method 
 ``atp.sparsity`` and ``train.seed``: ATP learns its mask while tuning; two-step scores
 units once (magnitude, or first-order Taylor on calibration batches), cuts them to the
 same kept-parameter count, then LoRA-tunes under that mask; dense LoRA prunes nothing and
-is the reference. The ``+ distill`` variants add the KL to the unmasked model's
-next-token distribution (the ``distill`` section; its teacher and temperature as the
-config sets them) to the LoRA step. Each method runs with its best calibration measured
+is the reference. The ``+ distill`` variants add the KL to a teacher's next-token
+distribution (the ``distill`` section) to the LoRA step; ``--teacher tuned`` (the default)
+is the same seed's dense LoRA run, so it needs ``dense lora`` among the methods, and
+``inplace`` / ``dense`` are the unmasked model with the current / no LoRA. Each method runs with its best calibration measured
 (``calibration`` column): two-step's Taylor scores are a one-time cost, so it gets 4
 blocks per batch where ATP's generator updates take the shipped 2.
 
-Each finished run folder is scored by the evaluation recipe (``atp-ray eval``):
+With ``--keep DIR``, a run whose folder there already holds it finished (same config) is
+not trained again. Each finished run folder is scored by the evaluation recipe (``atp-ray eval``):
 held-out perplexity on the run's own held-out split (domain-ppl) and accuracy on the HPO
 term and ICD-10 chapter quizzes. Retention is dense LoRA's perplexity over the pruned
 model's (1.0 = nothing lost), paired by seed. Cells are mean ± sd over seeds.
@@ -30,9 +33,9 @@ from typing import Any
 
 import torch
 
-from atp_ray.config import RunConfig, apply_overrides, load_config
+from atp_ray.config import DISTILL_TEACHERS, RunConfig, apply_overrides, load_config
 from atp_ray.evaluation.eval_recipe import run_eval
-from bench._runs import base_config, mean_sd, timed_run, with_overrides
+from bench._runs import base_config, kept_or_run, mean_sd, with_overrides
 
 DENSE = "dense lora"
 # The distilled variants' weight of the KL term (the config ships distillation off).
@@ -76,6 +79,10 @@ def calibration(config: RunConfig) -> str:
 Results = dict[tuple[str, float], list[dict[str, Any]]]
 
 
+def run_folder(workdir: Path, name: str, sparsity: float, seed: int) -> Path:
+    return workdir / f"{name.replace(' ', '-').replace('+', 'plus')}-{sparsity}-{seed}"
+
+
 def run_all(
     raw: dict[str, Any],
     workdir: Path,
@@ -83,16 +90,23 @@ def run_all(
     seeds: list[int],
     max_samples: int | None,
     methods: list[str],
+    teacher: str,
 ) -> Results:
     """Scores keyed by (method, sparsity) -> one dict per seed; dense LoRA under sparsity 0."""
     results: Results = {}
     for seed in seeds:
         runs = [(DENSE, 0.0)] if DENSE in methods else []
         runs += [(name, s) for s in sparsities for name in methods if name != DENSE]
+        # The distilled runs' teacher; dense LoRA runs first, so a tuned teacher exists when they start.
+        distill = {"teacher": teacher}
+        if teacher == "tuned":
+            distill["teacher_run"] = str(run_folder(workdir, DENSE, 0.0, seed))
         for name, sparsity in runs:
             raw_run = with_overrides(with_overrides(raw, **METHODS[name]), atp={"sparsity": sparsity}, train={"seed": seed})
-            out = workdir / f"{name.replace(' ', '-').replace('+', 'plus')}-{sparsity}-{seed}"
-            summary, _ = timed_run(raw_run, out)
+            if raw_run["distill"]["weight"] > 0:
+                raw_run = with_overrides(raw_run, distill=distill)
+            out = run_folder(workdir, name, sparsity, seed)
+            summary = kept_or_run(raw_run, out)
             scores = {**score(out, max_samples), "sparsity": summary["sparsity"]}
             scores["calibration"] = calibration(load_config(raw_run))
             results.setdefault((name, sparsity), []).append(scores)
@@ -130,11 +144,20 @@ def parse_args() -> argparse.Namespace:
         default=DEFAULT_METHODS,
         help=f"which runs to make (default: {', '.join(DEFAULT_METHODS)})",
     )
+    parser.add_argument(
+        "--teacher",
+        choices=DISTILL_TEACHERS,
+        default="tuned",
+        help="the + distill variants' teacher (default tuned: the seed's dense LoRA run)",
+    )
     parser.add_argument("--max-samples", type=int, default=200, help="held-out blocks and quiz questions scored per run")
     parser.add_argument("--keep", type=Path, help="write the run folders here and keep them (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. train.steps=100")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.teacher == "tuned" and DENSE not in args.methods and any("distill" in m for m in args.methods):
+        parser.error(f"--teacher tuned learns from the seed's dense LoRA run: add '{DENSE}' to --methods")
+    return args
 
 
 def main() -> None:
@@ -146,7 +169,7 @@ def main() -> None:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         raw = apply_overrides(base_config(args.quick, workdir), args.overrides)
-        results = run_all(raw, workdir, sparsities, args.seeds, max_samples, args.methods)
+        results = run_all(raw, workdir, sparsities, args.seeds, max_samples, args.methods, args.teacher)
     print(
         f"{raw['model']['path']}, {raw['train']['steps']} steps, batch {raw['train']['batch_size']}, "
         f"seeds {args.seeds}, {max_samples} held-out blocks / quiz questions per run"

@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import tiny_run_config
 
 from atp_ray.config import load_config
+from atp_ray.runtime.run_folder import RunFolder
 from atp_ray.training.atp import run_atp
 
 
@@ -51,6 +53,9 @@ def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys, tmp_path
         if (folder / "metrics.jsonl").exists() and '"distill"' in (folder / "metrics.jsonl").read_text()
     }
     assert distilled == {"atp-plus-distill-0.4-0", "two-step-taylor-plus-distill-0.4-0"}
+    # Their teacher is the seed's dense LoRA run (--teacher tuned, the default).
+    for name in distilled:
+        assert RunFolder(tmp_path / name).read_config()["distill"]["teacher_run"] == str((tmp_path / "dense-lora-0.0-0").resolve())
 
 
 def test_elastic_front_quick_compares_one_elastic_run_with_dedicated_ones(monkeypatch, capsys, tmp_path):
@@ -85,6 +90,9 @@ def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [r[0].strip() for r in rows] == ["atp"]
     assert rows[0][-1].strip() == "n/a"  # retention needs dense LoRA
+    with pytest.raises(SystemExit) as caught:  # a tuned teacher needs the dense LoRA run
+        _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--methods", "atp + distill"])
+    assert caught.value.code == 2 and "add 'dense lora' to --methods" in capsys.readouterr().err
 
 
 def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
