@@ -452,6 +452,10 @@ class DistillSettings(_Section):
         gt=0,
         description="KL over the teacher's k most likely tokens only, renormalised (None = the whole vocabulary)",
     )
+    after_freeze: bool = Field(
+        False,
+        description="distil only once the mask is frozen (atp: after control; two-step and lora freeze at step 0)",
+    )
 
     @field_validator("teacher_run")
     @classmethod

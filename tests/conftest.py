@@ -169,7 +169,7 @@ def reference_run_config(model_dir) -> dict:
     """The tiny run config whose generator holds the target long enough to freeze early.
 
     With this seed the generator's noise-free mask reaches 0.40 sparsity at step 20 and
-    holds it, so the mask freezes at step 22, inside the 30-step control phase; checkpoints
+    holds it, and the mask freezes at step 26, inside the 30-step control phase; checkpoints
     at steps 10 (control) and 30 (frozen) sit on both sides of the freeze.
     """
     return tiny_run_config(model_dir, atp={"control_fraction": 0.75, "freeze_patience": 3})

@@ -1,6 +1,7 @@
 """Distillation (atp_ray/training/distillation.py) and its place in the LoRA step, on the tiny models."""
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -249,6 +250,23 @@ def test_recipe_runs_the_teacher_unmasked_and_without_autograd(tiny_model_dir, t
     raw["distill"]["weight"] = 0.0
     run_atp(load_config(raw), tmp_path / "off")
     assert len(calls) == 2 and not any("distill" in row for row in _rows(RunFolder(tmp_path / "off")))
+
+
+def test_after_freeze_distils_only_once_the_mask_is_frozen(finished_run, tmp_path):
+    """With distill.after_freeze the control phase is the plain run's, value for value (the teacher never
+    runs there), and every row after the freeze carries the KL."""
+    raw = copy.deepcopy(finished_run.raw)
+    raw["distill"] = {"weight": 1.0, "after_freeze": True}
+    folder = RunFolder(tmp_path / "run")
+    summary = run_atp(load_config(raw), folder.root)
+    freeze = finished_run.summary["freeze_step"]
+    assert summary["freeze_step"] == freeze and 5 < freeze < 35
+    rows, plain = _rows(folder), _rows(finished_run.folder)
+    control = [r for r in rows if r["step"] <= freeze]
+    assert control and all("distill" not in r for r in control)
+    assert [r["loss"] for r in control] == [r["loss"] for r in plain if r["step"] <= freeze]
+    assert all(r["distill"] > 0 for r in rows if r["step"] > freeze + 1)
+    assert rows[-1]["loss"] != plain[-1]["loss"]
 
 
 def test_accumulation_and_activation_checkpointing_give_the_same_steps(tiny_model_dir, tmp_path):

@@ -213,11 +213,12 @@ class ATPRecipe:
         distill = self.config.distill
         lr = self.lora_scheduler.get_last_lr()[0]
         accumulation = self.config.distributed.gradient_accumulation_steps
+        distilling = distill.weight > 0 and (self.source.freeze_step is not None or not distill.after_freeze)
         task_losses, distill_losses = [], []
         for micro in range(accumulation):
             batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
             teacher = None
-            if distill.weight > 0:
+            if distilling:
                 # Before the mask's context: the teacher is the unmasked model. Every rank runs it
                 # (under ZeRO-3 its forward gathers the same shards as the student's).
                 with self.autocast():
