@@ -252,11 +252,12 @@ def test_recipe_runs_the_teacher_unmasked_and_without_autograd(tiny_model_dir, t
     assert len(calls) == 2 and not any("distill" in row for row in _rows(RunFolder(tmp_path / "off")))
 
 
-def test_after_freeze_distils_only_once_the_mask_is_frozen(finished_run, tmp_path):
+def test_after_freeze_distils_only_once_the_mask_is_frozen(finished_run, dense_lora_run, tmp_path):
     """With distill.after_freeze the control phase is the plain run's, value for value (the teacher never
-    runs there), and every row after the freeze carries the KL."""
+    runs there, and loading the tuned teacher's adapter draws nothing from the random streams), and
+    every row after the freeze carries the KL."""
     raw = copy.deepcopy(finished_run.raw)
-    raw["distill"] = {"weight": 1.0, "after_freeze": True}
+    raw["distill"] = {"weight": 1.0, "after_freeze": True, "teacher": "tuned", "teacher_run": str(dense_lora_run.root)}
     folder = RunFolder(tmp_path / "run")
     summary = run_atp(load_config(raw), folder.root)
     freeze = finished_run.summary["freeze_step"]

@@ -65,9 +65,13 @@ def attach_tuned_teacher(model: nn.Module, adapter_dir: Path) -> None:
     """Load the peft adapter in ``adapter_dir`` into ``model`` as the frozen ``TEACHER_ADAPTER``.
 
     The trained adapter stays the active one; the teacher's weights get no gradient and are
-    not trained parameters (collect those after this call).
+    not trained parameters (collect those after this call). The random streams are left as
+    they were (peft initialises the new layers before loading them), so a run draws the same
+    masks and dropout with or without this teacher.
     """
-    model.load_adapter(str(adapter_dir), adapter_name=TEACHER_ADAPTER, is_trainable=False)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        model.load_adapter(str(adapter_dir), adapter_name=TEACHER_ADAPTER, is_trainable=False)
 
 
 @torch.no_grad()
