@@ -77,11 +77,16 @@ def timed_run(raw: dict[str, Any], out: Path) -> tuple[dict[str, Any], float]:
     return summary, time.perf_counter() - start
 
 
+def finished_in(raw: dict[str, Any], out: Path) -> bool:
+    """Whether ``out`` (a kept folder) holds ``raw``'s run, finished."""
+    folder = RunFolder(out)
+    return folder.is_finished() and folder.read_config() == load_config(raw).to_dict()
+
+
 def kept_or_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     """The summary of ``raw``'s run in ``out``: read when a kept folder holds it finished, else trained now."""
-    folder = RunFolder(out)
-    if folder.is_finished() and folder.read_config() == load_config(raw).to_dict():
-        return json.loads(folder.summary.read_text())
+    if finished_in(raw, out):
+        return json.loads(RunFolder(out).summary.read_text())
     return timed_run(raw, out)[0]
 
 

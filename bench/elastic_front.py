@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from atp_ray.compression.compress import compress_run
-from atp_ray.config import apply_overrides, load_config
+from atp_ray.config import apply_overrides
 from atp_ray.evaluation.eval_recipe import run_eval
-from atp_ray.runtime.run_folder import RunFolder, budget_key
+from atp_ray.runtime.run_folder import budget_key
 from atp_ray.search.front import hypervolume, pareto_mask
-from bench._runs import base_config, timed_run, with_overrides
+from bench._runs import base_config, finished_in, timed_run, with_overrides
 
 # The fronts' hypervolume is measured from one perplexity for all sides: this, worse than any model
 # on the embedded default (60% dedicated ATP: about 174-190), or past the worst model of the run.
@@ -65,7 +65,7 @@ class Side:
     def train(self, raw: dict[str, Any], out: Path) -> None:
         """Train ``raw`` into ``out`` and add its cost; a run a kept folder already finished is reused."""
         cost_file = out / COST_FILE
-        if cost_file.is_file() and RunFolder(out).is_finished() and RunFolder(out).read_config() == load_config(raw).to_dict():
+        if cost_file.is_file() and finished_in(raw, out):
             cost = json.loads(cost_file.read_text())
             print(f"{out.name}: reused (finished, {cost['cpu_s']:.0f} CPU s)", flush=True)
         else:
