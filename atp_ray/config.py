@@ -337,6 +337,13 @@ class ATPSettings(_Section):
         "kind, the standardised log Taylor scores on baseline.calibration_batches (0 = none; docs/results.md: ATP "
         "against prune-then-tune)",
     )
+    protect_loss_increase: float = Field(
+        0.0,
+        ge=0,
+        description="KV groups whose removal alone raises the untuned model's loss on baseline.calibration_batches "
+        "by more than this (nats) are never pruned; screened once before training, one forward pass per group "
+        "(0 = no screen; docs/method.md)",
+    )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
     base: float = Field(3.0, description="logit offset: a fresh generator starts by keeping every unit")

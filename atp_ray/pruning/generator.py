@@ -68,6 +68,7 @@ class PruningGenerator(nn.Module):
         temperature: float = 0.4,
         base: float = 3.0,
         prior: Mapping[UnitGroup, Tensor] | None = None,
+        protected: Mapping[UnitGroup, Tensor] | None = None,
         budgets: tuple[float, ...] | None = None,
     ):
         super().__init__()
@@ -99,9 +100,16 @@ class PruningGenerator(nn.Module):
         self.has_prior = prior is not None
         for group, offsets in (prior or {}).items():
             self.register_buffer(f"prior_{_head_key(group)}", offsets.detach().clone())
+        # Units every mask keeps (atp_ray.pruning.critical): their logit is +inf, noise or not.
+        self.has_protected = protected is not None
+        for group, keep in (protected or {}).items():
+            self.register_buffer(f"protected_{_head_key(group)}", keep.detach().to(torch.bool).clone())
 
     def logits(self, budget: float | None = None) -> dict[UnitGroup, Tensor]:
-        """One logit per unit, keyed by unit group; a conditioned generator's at sparsity ``budget``."""
+        """One logit per unit, keyed by unit group; a conditioned generator's at sparsity ``budget``.
+
+        A protected unit's logit is +inf: it is kept by every mask, sampled or not, at any budget.
+        """
         hidden = self.norm(self.encoder(self.layer_codes.unsqueeze(0)).squeeze(0))  # [layers, width]
         if self.conditioned != (budget is not None):
             want = "a sparsity budget" if self.conditioned else "no budget (it was built for one)"
@@ -113,6 +121,9 @@ class PruningGenerator(nn.Module):
         logits = {g: self.heads[_head_key(g)](hidden[g.layer]) for g in self.space.groups}
         if self.has_prior:
             logits = {g: logit + getattr(self, f"prior_{_head_key(g)}") for g, logit in logits.items()}
+        if self.has_protected:
+            # masked_fill sends no gradient to a protected logit, and sigmoid(inf) is exactly 1.
+            logits = {g: logit.masked_fill(getattr(self, f"protected_{_head_key(g)}"), math.inf) for g, logit in logits.items()}
         return logits
 
     def forward(

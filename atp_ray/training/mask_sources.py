@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from atp_ray.pruning.critical import critical_units
 from atp_ray.pruning.generator import PruningGenerator, detach_masks
 from atp_ray.pruning.importance import IMPORTANCE, Gather, importance_masks, importance_prior
 from atp_ray.pruning.masking import masked
@@ -81,7 +83,13 @@ class MaskSource:
 
     trains_generator: ClassVar[bool] = False  # whether the run has a control phase (and a group lasso)
 
-    def __init__(self, config: RunConfig, bench: Workbench, prior: Mapping[UnitGroup, Tensor] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        bench: Workbench,
+        prior: Mapping[UnitGroup, Tensor] | None = None,
+        protected: Mapping[UnitGroup, Tensor] | None = None,
+    ):
         atp = config.atp
         self.bench = bench
         self.target = atp.sparsity
@@ -93,6 +101,7 @@ class MaskSource:
             temperature=atp.temperature,
             base=atp.base,
             prior=prior,
+            protected=protected,
             budgets=atp.budgets if atp.elastic else None,
         ).to(bench.context.device)
         self.frozen: dict[UnitGroup, Tensor] | None = None
@@ -204,7 +213,7 @@ class LearnedMasks(MaskSource):
     trains_generator = True
 
     def __init__(self, config: RunConfig, bench: Workbench):
-        super().__init__(config, bench, prior=self._prior(config, bench))
+        super().__init__(config, bench, prior=self._prior(config, bench), protected=self._protected(config, bench))
         self.atp = config.atp
         self.seed = config.train.seed
         self.max_grad_norm = config.train.max_grad_norm
@@ -233,6 +242,23 @@ class LearnedMasks(MaskSource):
         scores = IMPORTANCE["taylor"].score(bench.model, bench.space, bench.calibration_batches(), bench.gather)
         prior = importance_prior(bench.space, scores, config.atp.importance_prior)
         return bench.context.broadcast_masks(prior)  # per-unit tensors like masks: rank 0's shard decides
+
+    @staticmethod
+    def _protected(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor] | None:
+        """The units no mask may cut: KV groups whose removal alone breaks the untuned model (atp.protect_loss_increase)."""
+        threshold = config.atp.protect_loss_increase
+        if threshold == 0:
+            return None
+        started = time.monotonic()
+        protected = critical_units(bench.space, bench.calibration_loss, threshold, device=bench.context.device)
+        # Ranks score their own calibration shards: rank 0's decides (sent as floats, as masks are).
+        protected = {g: keep.bool() for g, keep in bench.context.broadcast_masks({g: k.float() for g, k in protected.items()}).items()}
+        names = [f"{g.name}[{unit}]" for g, keep in protected.items() for unit in keep.nonzero().flatten().tolist()]
+        log.info(
+            "protected from pruning (removal alone raises the loss by > %.2f): %s (screened in %.0f s)",
+            threshold, ", ".join(names) or "none", time.monotonic() - started,
+        )
+        return protected
 
     # -- control steps -------------------------------------------------------------------
     def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
