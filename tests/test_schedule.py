@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer, tiny_run_config
 
-from atp_ray.config import DataConfig, load_config
-from atp_ray.data.batches import BatchStream, build_splits
+from atp_ray.config import load_config
 from atp_ray.pruning.generator import _head_key
 from atp_ray.pruning.importance import IMPORTANCE
 from atp_ray.pruning.losses import ratio_loss
@@ -27,29 +26,6 @@ WEAK_RATIO = {"ratio_weight": 0.1}
 
 def _rows(folder: RunFolder) -> list[dict]:
     return [json.loads(line) for line in folder.metrics.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def trained_model_dir(tmp_path_factory):
-    """The tiny Llama after 300 AdamW steps on the HPO text (loss 4.2 -> 2.0; ~10 s on one core).
-
-    A random model's loss hardly depends on which units it keeps; this one's does, so its
-    task loss pushes back against pruning the way a real model's does.
-    """
-    folder = tmp_path_factory.mktemp("trained-tiny")
-    model, tokenizer = make_tiny_model("llama-gqa").train(), make_tiny_tokenizer()
-    blocks = build_splits(DataConfig(source="builtin:hpo", seq_len=32, max_documents=600), tokenizer, 0).train
-    stream = BatchStream(blocks, 16, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(300):
-        loss = model(**stream.batch(step)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 2.5
-    model.eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _run(model_dir, out, **atp) -> dict:
