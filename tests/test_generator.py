@@ -74,3 +74,24 @@ def test_a_prior_offsets_the_logits_and_travels_with_the_weights(space):
     again = PruningGenerator(space, prior={g: torch.zeros(g.size) for g in space.groups})
     again.load_state_dict(primed.state_dict())
     assert all(torch.equal(again.logits()[g], primed_logits[g]) for g in space.groups)
+
+
+def test_a_protected_unit_is_kept_by_every_mask_and_sends_no_gradient(space):
+    group = next(g for g in space.groups if g.kind.value == "kv_group")
+    protected = {g: torch.zeros(g.size, dtype=torch.bool) for g in space.groups}
+    protected[group][1] = True
+    everything_out = {g: torch.full((g.size,), -50.0) for g in space.groups}  # a prior that cuts every unit
+    everything_out[group][0] = -40.0  # unit 0 is the one a group keeps when every unit is cut
+    generator = PruningGenerator(space, prior=everything_out, protected=protected).train()
+    for seed in range(20):
+        masks = generator(torch.Generator().manual_seed(seed))
+        assert masks[group][1] == 1
+    space.kept_fraction(masks).backward()
+    assert all(torch.isfinite(p.grad).all() for p in generator.parameters() if p.grad is not None)
+    assert generator.heads[f"layer{group.layer}_{group.kind.value}"].weight.grad[1].abs().sum() == 0
+    generator.eval()
+    assert generator()[group][1] == 1 and generator.masks_at_sparsity(0.99)[group][1] == 1
+    # Saved and restored with the weights, like the prior.
+    again = PruningGenerator(space, prior=everything_out, protected={g: torch.zeros(g.size, dtype=torch.bool) for g in space.groups})
+    again.load_state_dict(generator.state_dict())
+    assert again.eval()()[group][1] == 1
