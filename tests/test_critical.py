@@ -9,6 +9,7 @@ from conftest import make_tiny_model, tiny_run_config
 
 from atp_ray.config import load_config
 from atp_ray.pruning.critical import critical_units
+from atp_ray.pruning.importance import IMPORTANCE, importance_masks
 from atp_ray.pruning.structures import PruningSpace, UnitKind
 from atp_ray.runtime.run_folder import RunFolder
 from atp_ray.training.atp import run_atp
@@ -76,3 +77,31 @@ def test_a_critical_unit_the_prior_ranks_last_is_cut_for_good_unless_protected(
     assert _final_keeps_critical(tmp_path / "protected")
     assert protected["sparsity"] == pytest.approx(plain["sparsity"], abs=0.03)  # the budget is still met
     assert protected["eval_loss"] < plain["eval_loss"]
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_two_step_keeps_a_protected_unit_its_criterion_would_cut(criterion):
+    model = make_tiny_model("llama-gqa")
+    space = PruningSpace.from_config(model.config)
+    tokens = torch.randint(model.config.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": t, "labels": t} for t in tokens]
+    group = space.group(0, UnitKind.KV_GROUP)
+    plain = importance_masks(model, space, 0.6, IMPORTANCE[criterion], batches)
+    assert plain[group].sum() == 1  # one KV group of two kept per layer at 60%
+    cut = int(plain[group].argmin())
+    protected = {g: torch.zeros(g.size, dtype=torch.bool) for g in space.groups}
+    protected[group][cut] = True
+    masks = importance_masks(model, space, 0.6, IMPORTANCE[criterion], batches, protected=protected)
+    assert masks[group][cut] == 1 and masks[group].sum() == 1  # kept in place of the other: the same shape
+    assert space.sparsity(masks) == pytest.approx(space.sparsity(plain))
+
+
+def test_two_step_gets_the_same_protection(trained_model_dir, tmp_path):
+    """Magnitude ranks the tiny trained model's critical KV group last in its layer; the screen keeps it."""
+    raw = tiny_run_config(trained_model_dir, baseline={"importance": "magnitude"}, atp={"sparsity": 0.5}, train={"steps": 2})
+    raw["method"] = "two-step"
+    run_atp(load_config(raw), tmp_path / "plain")
+    assert not _final_keeps_critical(tmp_path / "plain")
+    raw["atp"]["protect_loss_increase"] = 0.17
+    run_atp(load_config(raw), tmp_path / "protected")
+    assert _final_keeps_critical(tmp_path / "protected")

@@ -18,6 +18,7 @@ layer of it whole.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -238,9 +239,18 @@ def importance_masks(
     batches: Sequence[Batch],
     channel_multiple: int = 1,
     gather: Gather = already_whole,
+    protected: Mapping[UnitGroup, Tensor] | None = None,
 ) -> dict[UnitGroup, Tensor]:
-    """The two-step baseline's hard mask: ``sparsity`` removed, lowest-importance units first, uniform per layer."""
-    return uniform_masks(space, importance.score(model, space, batches, gather), sparsity, channel_multiple)
+    """The two-step baseline's hard mask: ``sparsity`` removed, lowest-importance units first, uniform per layer.
+
+    ``protected`` units (atp_ray.pruning.critical) rank above every other unit of their layer;
+    the uniform shape still keeps the same number of each kind in every layer.
+    """
+    scores = importance.score(model, space, batches, gather)
+    for group, keep in (protected or {}).items():
+        layer = scores[group.layer]
+        layer[group.kind] = layer[group.kind].masked_fill(keep.to(layer[group.kind].device), math.inf)
+    return uniform_masks(space, scores, sparsity, channel_multiple)
 
 
 def importance_prior(space: PruningSpace, scores: Sequence[Mapping[UnitKind, Tensor]], scale: float) -> dict[UnitGroup, Tensor]:

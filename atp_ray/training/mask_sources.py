@@ -83,6 +83,25 @@ class Workbench:
         return torch.stack(losses).mean().item()
 
 
+def protected_units(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor] | None:
+    """The units no mask may cut: KV groups whose removal alone breaks the untuned model (atp.protect_loss_increase)."""
+    threshold = config.atp.protect_loss_increase
+    if threshold == 0:
+        return None
+    started = time.monotonic()
+    loss_of = functools.partial(bench.calibration_loss, count=min(SCREEN_BATCHES, bench.calibration_count))
+    protected = critical_units(bench.space, loss_of, threshold, device=bench.context.device)
+    # Ranks score their own calibration shards: rank 0's decides (sent as floats, as masks are).
+    shared = bench.context.broadcast_masks({g: keep.float() for g, keep in protected.items()})
+    protected = {g: keep.bool() for g, keep in shared.items()}
+    names = [f"{g.name}[{unit}]" for g, keep in protected.items() for unit in keep.nonzero().flatten().tolist()]
+    log.info(
+        "protected from pruning (removal alone raises the loss by > %.2f): %s (screened in %.0f s)",
+        threshold, ", ".join(names) or "none", time.monotonic() - started,
+    )
+    return protected
+
+
 class MaskSource:
     """The masks LoRA is tuned under, from the run's first step to its frozen end."""
 
@@ -192,6 +211,7 @@ class FixedMasks(MaskSource):
             bench.calibration_batches(),
             config.atp.mlp_channel_multiple,
             bench.gather,
+            protected=protected_units(config, bench),
         )
         log.info("%s mask (%s): sparsity %.4f", config.method, config.baseline.importance, bench.space.sparsity(masks))
         return bench.context.broadcast_masks(masks)  # ranks scored different calibration shards
@@ -218,7 +238,7 @@ class LearnedMasks(MaskSource):
     trains_generator = True
 
     def __init__(self, config: RunConfig, bench: Workbench):
-        super().__init__(config, bench, prior=self._prior(config, bench), protected=self._protected(config, bench))
+        super().__init__(config, bench, prior=self._prior(config, bench), protected=protected_units(config, bench))
         self.atp = config.atp
         self.seed = config.train.seed
         self.max_grad_norm = config.train.max_grad_norm
@@ -247,24 +267,6 @@ class LearnedMasks(MaskSource):
         scores = IMPORTANCE["taylor"].score(bench.model, bench.space, bench.calibration_batches(), bench.gather)
         prior = importance_prior(bench.space, scores, config.atp.importance_prior)
         return bench.context.broadcast_masks(prior)  # per-unit tensors like masks: rank 0's shard decides
-
-    @staticmethod
-    def _protected(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor] | None:
-        """The units no mask may cut: KV groups whose removal alone breaks the untuned model (atp.protect_loss_increase)."""
-        threshold = config.atp.protect_loss_increase
-        if threshold == 0:
-            return None
-        started = time.monotonic()
-        loss_of = functools.partial(bench.calibration_loss, count=min(SCREEN_BATCHES, bench.calibration_count))
-        protected = critical_units(bench.space, loss_of, threshold, device=bench.context.device)
-        # Ranks score their own calibration shards: rank 0's decides (sent as floats, as masks are).
-        protected = {g: keep.bool() for g, keep in bench.context.broadcast_masks({g: k.float() for g, k in protected.items()}).items()}
-        names = [f"{g.name}[{unit}]" for g, keep in protected.items() for unit in keep.nonzero().flatten().tolist()]
-        log.info(
-            "protected from pruning (removal alone raises the loss by > %.2f): %s (screened in %.0f s)",
-            threshold, ", ".join(names) or "none", time.monotonic() - started,
-        )
-        return protected
 
     # -- control steps -------------------------------------------------------------------
     def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
