@@ -340,9 +340,9 @@ class ATPSettings(_Section):
     protect_loss_increase: float = Field(
         0.0,
         ge=0,
-        description="KV groups whose removal alone raises the untuned model's loss on baseline.calibration_batches "
-        "by more than this (nats) are never pruned; screened once before training, one forward pass per group "
-        "(0 = no screen; docs/method.md)",
+        description="KV groups whose removal alone raises the untuned model's loss on its first two calibration "
+        "batches by more than this (nats) are never pruned by atp and rank first for two-step; screened once "
+        "before training, two forward passes per group (0 = no screen; docs/method.md)",
     )
     generator_width: int = Field(64, gt=0, description="width of the generator's layer codes and encoder")
     temperature: float = Field(0.4, gt=0, description="Gumbel-sigmoid temperature")
