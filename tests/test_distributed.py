@@ -85,11 +85,14 @@ def _flat(summary: dict, prefix: str = "") -> dict:
     return flat
 
 
-@pytest.mark.parametrize("atp", [{}, {"sparsity": [0.2, 0.4]}], ids=["single", "elastic"])
+@pytest.mark.parametrize(
+    "atp", [{}, {"sparsity": [0.2, 0.4]}, {"protect_loss_increase": 0.001}], ids=["single", "elastic", "protected"]
+)
 def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path, atp):
     """2 ranks x batch 2 against 1 rank x batch 4: every forward on both ranks uses the same mask,
     and the run ends where one process ends (same mask, same weights within float tolerance).
-    An elastic run too: every rank draws the same budget each step and freezes the same masks."""
+    An elastic run too: every rank draws the same budget each step and freezes the same masks.
+    And a run with protected units: every rank keeps rank 0's (each screens its own shard)."""
     def config(batch: int) -> dict:
         # LoRA dropout draws from the global RNG per example: one process and two would draw differently.
         return tiny_run_config(
@@ -121,5 +124,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir
     for key, tensor in mine.items():
         assert (theirs[key] - tensor).norm() <= 1e-4 * tensor.norm(), key
     mine, theirs = load_file(one.root / "generator.safetensors"), load_file(two.root / "generator.safetensors")
+    if "protect_loss_increase" in atp:  # the screen kept some units out of reach of the generator
+        assert any(v.any() for k, v in theirs.items() if k.startswith("protected_"))
     flat = lambda weights: torch.cat([weights[k].flatten() for k in sorted(weights)])  # noqa: E731
     assert (flat(theirs) - flat(mine)).norm() <= 1e-2 * flat(mine).norm()
