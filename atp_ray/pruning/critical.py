@@ -19,8 +19,8 @@ from torch import Tensor
 
 from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup, UnitKind
 
-# KV groups only: a group takes its query heads with it, and the strongest single query slot
-# (0.7 nats) was never among the cliffs measured; screening them too would double the cost.
+# KV groups only: a group takes its query heads with it, no single query slot costs more than
+# 0.7 nats alone, and screening slots too would double the cost.
 SCREENED_KINDS = (UnitKind.KV_GROUP,)
 
 
