@@ -3,11 +3,11 @@
 A few attention groups carry a model. In SmolLM2-135M, removing KV group 1 of layer 1
 alone raises the calibration loss by 1.9 to 4.2 nats, depending on the text, KV group 2 of
 layer 0 by 0.8 to 2.1, KV group 0 of layer 1 by 0.2 to 1.1, and every other group by less
-than 0.5 (docs/method.md). A generator that cuts
-one of them during control does not bring it back: the unit's gradient fades once the
-sigmoid saturates, and LoRA cannot rebuild what the unit did. That was the cliff of
-builtin:icd10cm at 60%, seed 0. Taylor scores do not single these units out. So each
-candidate is removed on its own and the loss measured, once, before training.
+than 0.5 (docs/method.md). A generator that cuts one of them during control does not bring
+it back: the unit's gradient fades once the sigmoid saturates, and LoRA cannot rebuild what
+the unit did. That was the cliff of builtin:icd10cm at 60%, seed 0. Taylor scores do not
+single these units out. So each candidate is removed on its own and the loss measured,
+once, before training.
 """
 
 from __future__ import annotations
