@@ -317,6 +317,12 @@ class ATPSettings(_Section):
         description="ascent rate of the Lagrange multipliers on the budget, l1*(s-t) + l2*(s-t)^2, that "
         "grow until the sampled sparsity s meets the target t (0 = the fixed ratio weight alone)",
     )
+    sparsity_control: Literal["lagrangian", "schedule"] = Field(
+        "lagrangian",
+        description="how the control masks meet the annealed target: lagrangian, pulled there by the ratio loss "
+        "and the multipliers (the mask may lag, then catch up in bursts); schedule, every control mask shifted "
+        "by the one logit offset that puts its noise-free sparsity on the target (docs/method.md)",
+    )
     generator_lr: float = Field(2e-3, ge=0, description="AdamW learning rate of the generator (0 freezes it)")
     generator_every: int = Field(
         1,
@@ -381,6 +387,15 @@ class ATPSettings(_Section):
             raise ValueError(
                 f"atp.sparsity {self.sparsity} must be the largest of atp.sparsities {self.sparsities}: "
                 "give the budgets as atp.sparsity alone (a list or a range)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_takes_one_budget(self) -> ATPSettings:
+        if self.sparsity_control == "schedule" and self.sparsities is not None:
+            raise ValueError(
+                f"atp.sparsity_control schedule takes one sparsity, not the budgets {self.sparsities} of an "
+                "elastic run (it shifts the masks of one target)"
             )
         return self
 

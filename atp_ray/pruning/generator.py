@@ -127,12 +127,15 @@ class PruningGenerator(nn.Module):
         return logits
 
     def forward(
-        self, generator: torch.Generator | None = None, budget: float | None = None
+        self, generator: torch.Generator | None = None, budget: float | None = None, offset: float = 0.0
     ) -> dict[UnitGroup, Tensor]:
-        """Hard masks with straight-through gradients; noisy only in training mode."""
+        """Hard masks with straight-through gradients; noisy only in training mode.
+
+        ``offset`` is added to every logit (a higher one keeps more units): see ``offset_for_sparsity``.
+        """
         return {
             g: binarize(
-                logit,
+                logit + offset,
                 temperature=self.temperature,
                 base=self.base,
                 stochastic=self.training,
@@ -142,33 +145,46 @@ class PruningGenerator(nn.Module):
         }
 
     @torch.no_grad()
-    def deterministic_masks(self, budget: float | None = None) -> dict[UnitGroup, Tensor]:
-        """The noise-free hard mask."""
-        return _shifted_masks(self.logits(budget), 0.0, self.temperature, self.base)
+    def deterministic_masks(self, budget: float | None = None, offset: float = 0.0) -> dict[UnitGroup, Tensor]:
+        """The noise-free hard mask (every logit shifted by ``offset``)."""
+        return _shifted_masks(self.logits(budget), offset, self.temperature, self.base)
+
+    @torch.no_grad()
+    def offset_for_sparsity(self, sparsity: float, budget: float | None = None) -> float:
+        """The global logit offset whose noise-free mask is closest to ``sparsity``.
+
+        One offset, found by bisection, keeps the generator's ranking of units and hits the
+        budget up to the granularity of one unit.
+        """
+        return self._offset(self.logits(budget), sparsity)
 
     @torch.no_grad()
     def masks_at_sparsity(
-        self, sparsity: float, iterations: int = 40, *, budget: float | None = None, within: Masks | None = None
+        self, sparsity: float, *, budget: float | None = None, within: Masks | None = None
     ) -> dict[UnitGroup, Tensor]:
         """The noise-free mask whose sparsity is closest to ``sparsity``: the one frozen and exported.
 
         The generator's noise-free decisions drift from the budget that its noisy samples
-        were trained to meet; one global logit offset, found by bisection, keeps its
-        ranking of units and hits the budget up to the granularity of one unit. ``within``
+        were trained to meet; the offset of ``offset_for_sparsity`` corrects them. ``within``
         (a mask of a smaller budget) nests the result: a unit it cuts stays cut.
         """
         logits = self.logits(budget)
         if within is not None:
             logits = {g: logit.masked_fill(within[g] == 0, -math.inf) for g, logit in logits.items()}
-        masks_at = lambda offset: _shifted_masks(logits, offset, self.temperature, self.base)  # noqa: E731
+        return _shifted_masks(logits, self._offset(logits, sparsity), self.temperature, self.base)
+
+    def _offset(self, logits: dict[UnitGroup, Tensor], sparsity: float, iterations: int = 40) -> float:
+        def sparsity_at(offset: float) -> float:
+            return self.space.sparsity(_shifted_masks(logits, offset, self.temperature, self.base))
+
         low, high = -_OFFSET_RANGE, _OFFSET_RANGE  # a higher offset keeps more units
         for _ in range(iterations):
             middle = (low + high) / 2
-            if self.space.sparsity(masks_at(middle)) > sparsity:
+            if sparsity_at(middle) > sparsity:
                 low = middle
             else:
                 high = middle
-        return min((masks_at(low), masks_at(high)), key=lambda masks: abs(self.space.sparsity(masks) - sparsity))
+        return min((low, high), key=lambda offset: abs(sparsity_at(offset) - sparsity))
 
 
 def _shifted_masks(

@@ -248,6 +248,7 @@ class LearnedMasks(MaskSource):
             for budget in config.atp.budgets
         }
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.atp.generator_lr)
+        self.offset = 0.0  # added to every logit of this control step's masks (atp.sparsity_control)
 
     @property
     def budget(self) -> BudgetController:
@@ -271,6 +272,7 @@ class LearnedMasks(MaskSource):
     # -- control steps -------------------------------------------------------------------
     def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
         controller, budget = self._drawn(step)
+        self.offset = self._control_offset(step, controller)
         if step % self.atp.generator_every != 0:
             masks = self._sample(step, budget)
             return masks, lora_step(masks)
@@ -281,7 +283,21 @@ class LearnedMasks(MaskSource):
             masks = self._sample(step, budget)
             metrics |= lora_step(masks)
         controller.track_loss(metrics["generator_loss"])
+        if self.atp.sparsity_control == "schedule":
+            metrics["logit_offset"] = self.offset
         return masks, metrics
+
+    def _control_offset(self, step: int, controller: BudgetController) -> float:
+        """The logit offset of step ``step``'s masks: none, or the one that puts them on the annealed target.
+
+        Under the Lagrangian the mask lags the target while the multipliers grow, then catches
+        up in bursts of cuts that LoRA has not adapted to (docs/results.md). On the schedule,
+        the sparsity rises with the target; the generator learns which units go, and the
+        budget terms, whose gap is then the noise's, still price the units by size.
+        """
+        if self.atp.sparsity_control == "lagrangian":
+            return 0.0
+        return self.generator.offset_for_sparsity(controller.target(step))
 
     def _drawn(self, step: int) -> tuple[BudgetController, float | None]:
         """The budget controller of step ``step`` and the budget its generator reads (None: it reads none)."""
@@ -292,7 +308,7 @@ class LearnedMasks(MaskSource):
         bench = self.bench
         self.generator.train()
         eval_for_backward(bench.model)  # the LLM is frozen here: no LoRA dropout, whatever the previous step left
-        masks = self.generator(self._noise(step, 0), budget)
+        masks = self.generator(self._noise(step, 0), budget, self.offset)
         batch = bench.calibration_batch(step)
         # Backward inside the mask's context: activation checkpointing recomputes layers there.
         with masked(bench.model, bench.space, masks):
@@ -320,7 +336,8 @@ class LearnedMasks(MaskSource):
         dropout, and updates at the same time as LoRA rather than just before it.
         """
         self.generator.train()
-        masks = self.generator(self._noise(step, 0), budget)  # the same on every rank: same weights, same noise
+        # The same on every rank: same weights, same noise, same offset.
+        masks = self.generator(self._noise(step, 0), budget, self.offset)
         leaves = {g: m.detach().requires_grad_() for g, m in masks.items()}
         metrics = lora_step(leaves)
         budget_loss, budget_metrics = self._budget_terms(step, masks, controller, budget)
@@ -347,7 +364,7 @@ class LearnedMasks(MaskSource):
         """A noisy hard mask from the generator for one LoRA step, the same on every rank."""
         self.generator.train()
         with torch.no_grad():
-            masks = detach_masks(self.generator(self._noise(step, 1), budget))
+            masks = detach_masks(self.generator(self._noise(step, 1), budget, self.offset))
         return self.bench.context.broadcast_masks(masks)
 
     def _noise(self, step: int, stream: int) -> torch.Generator:
@@ -361,7 +378,9 @@ class LearnedMasks(MaskSource):
         if self.frozen is not None:
             return
         controller = self.budget
-        self.noise_free_sparsity = self.bench.space.sparsity(self.generator.deterministic_masks())
+        # On the schedule, the offset follows the generator's update: its mask is what the next step sees.
+        self.offset = self._control_offset(step, controller)
+        self.noise_free_sparsity = self.bench.space.sparsity(self.generator.deterministic_masks(offset=self.offset))
         if not controller.freeze_due(step, self.noise_free_sparsity):
             return
         masks = self._cut(controller, self.noise_free_sparsity)
