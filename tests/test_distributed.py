@@ -86,13 +86,16 @@ def _flat(summary: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.parametrize(
-    "atp", [{}, {"sparsity": [0.2, 0.4]}, {"protect_loss_increase": 0.001}], ids=["single", "elastic", "protected"]
+    "atp",
+    [{}, {"sparsity": [0.2, 0.4]}, {"protect_loss_increase": 0.001}, {"sparsity_control": "schedule"}],
+    ids=["single", "elastic", "protected", "schedule"],
 )
 def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path, atp):
     """2 ranks x batch 2 against 1 rank x batch 4: every forward on both ranks uses the same mask,
     and the run ends where one process ends (same mask, same weights within float tolerance).
     An elastic run too: every rank draws the same budget each step and freezes the same masks.
-    And a run with protected units: every rank keeps rank 0's (each screens its own shard)."""
+    And a run with protected units: every rank keeps rank 0's (each screens its own shard). And
+    a run on the schedule: every rank shifts its masks by the same offset."""
     def config(batch: int) -> dict:
         # LoRA dropout draws from the global RNG per example: one process and two would draw differently.
         return tiny_run_config(

@@ -61,6 +61,7 @@ def test_budgets_given_as_a_list_or_a_range(tiny_model_dir):
         ({"sparsity": {"range": [0.2]}}, "atp", "range: [lo, hi]"),
         ({"sparsity": [0.2, 0.4]}, "two-step", "need method atp"),
         ({"sparsity": 0.3, "sparsities": [0.2, 0.4]}, "atp", "must be the largest"),
+        ({"sparsity": [0.2, 0.4], "sparsity_control": "schedule"}, "atp", "schedule takes one sparsity"),
     ],
 )
 def test_bad_budgets_are_refused(tiny_model_dir, atp, method, message):

@@ -58,6 +58,25 @@ def test_masks_at_sparsity_meet_the_budget(space, target):
     assert space.sparsity(masks) == pytest.approx(target, abs=0.03)
 
 
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.8])
+def test_the_offset_for_a_sparsity_shifts_every_mask_onto_it(space, target):
+    """atp.sparsity_control=schedule: one offset puts the noise-free mask, and the noisy ones on
+    average, on the target, keeping the generator's ranking (the freeze's cut is the same mask)."""
+    generator = PruningGenerator(space)
+    with torch.no_grad():
+        for head in generator.heads.values():
+            head.weight.normal_(0, 1.0)
+    offset = generator.offset_for_sparsity(target)
+    shifted = generator.deterministic_masks(offset=offset)
+    assert space.sparsity(shifted) == pytest.approx(target, abs=0.03)
+    assert space.sparsity(generator.deterministic_masks()) != pytest.approx(target, abs=0.1)
+    cut = generator.masks_at_sparsity(target)
+    assert all(torch.equal(shifted[g], cut[g]) for g in space.groups)
+    generator.train()
+    noisy = [space.sparsity(generator(torch.Generator().manual_seed(seed), offset=offset)) for seed in range(20)]
+    assert sum(noisy) / len(noisy) == pytest.approx(target, abs=0.1)
+
+
 def test_a_prior_offsets_the_logits_and_travels_with_the_weights(space):
     prior = {g: torch.linspace(-1.0, 1.0, g.size) * 5 for g in space.groups}
     torch.manual_seed(0)
