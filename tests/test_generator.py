@@ -3,7 +3,7 @@ import torch
 from conftest import make_tiny_model
 
 from atp_ray.pruning.generator import PruningGenerator, binarize
-from atp_ray.pruning.structures import PruningSpace
+from atp_ray.pruning.structures import ATTENTION_KINDS, PruningSpace, UnitKind
 
 
 @pytest.fixture
@@ -58,23 +58,30 @@ def test_masks_at_sparsity_meet_the_budget(space, target):
     assert space.sparsity(masks) == pytest.approx(target, abs=0.03)
 
 
-@pytest.mark.parametrize("target", [0.2, 0.5, 0.8])
-def test_the_offset_for_a_sparsity_shifts_every_mask_onto_it(space, target):
-    """atp.sparsity_control=schedule: one offset puts the noise-free mask, and the noisy ones on
-    average, on the target, keeping the generator's ranking (the freeze's cut is the same mask)."""
-    generator = PruningGenerator(space)
+MLP = (UnitKind.MLP_CHANNEL,)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5])
+def test_offsets_by_part_cut_the_attention_and_the_mlp_each_at_the_target(space, target):
+    """atp.sparsity_control=schedule: the offsets put the noise-free mask's attention and its MLP
+    each on the target; the masks the generator emits and the freeze's cut by part are that same
+    mask. With one offset for all, the split follows the logits (here they favour the MLP)."""
+    worth_more = {g: torch.full((g.size,), 4.0 if g.kind is UnitKind.MLP_CHANNEL else 0.0) for g in space.groups}
+    generator = PruningGenerator(space, prior=worth_more)  # MLP channels' logits 4 higher
     with torch.no_grad():
         for head in generator.heads.values():
-            head.weight.normal_(0, 1.0)
-    offset = generator.offset_for_sparsity(target)
-    shifted = generator.deterministic_masks(offset=offset)
-    assert space.sparsity(shifted) == pytest.approx(target, abs=0.03)
-    assert space.sparsity(generator.deterministic_masks()) != pytest.approx(target, abs=0.1)
-    cut = generator.masks_at_sparsity(target)
+            head.weight.normal_(0, 0.1)  # logits spread about 1 around the prior
+    offsets = generator.offsets_for_sparsity(target)
+    shifted = generator.deterministic_masks(offset=offsets)
+    for kinds in (ATTENTION_KINDS, MLP):
+        assert space.part_sparsity(shifted, kinds) == pytest.approx(target, abs=0.05)
+    assert space.sparsity(shifted) == pytest.approx(target, abs=0.01)
+    cut = generator.masks_at_sparsity(target, by_part=True)
     assert all(torch.equal(shifted[g], cut[g]) for g in space.groups)
-    generator.train()
-    noisy = [space.sparsity(generator(torch.Generator().manual_seed(seed), offset=offset)) for seed in range(20)]
-    assert sum(noisy) / len(noisy) == pytest.approx(target, abs=0.1)
+    one_offset = generator.masks_at_sparsity(target)
+    assert space.part_sparsity(one_offset, MLP) < space.part_sparsity(one_offset, ATTENTION_KINDS) - 0.1
+    emitted = generator.eval()(offset=offsets)  # what a step without noise would sample
+    assert all(torch.equal(emitted[g], shifted[g]) for g in space.groups)
 
 
 def test_a_prior_offsets_the_logits_and_travels_with_the_weights(space):

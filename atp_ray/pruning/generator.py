@@ -14,12 +14,12 @@ unit's logit is a quadratic in the budget and one generator emits a mask for eac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup
+from atp_ray.pruning.structures import ATTENTION_KINDS, Masks, PruningSpace, UnitGroup
 
 
 def binarize(
@@ -127,15 +127,16 @@ class PruningGenerator(nn.Module):
         return logits
 
     def forward(
-        self, generator: torch.Generator | None = None, budget: float | None = None, offset: float = 0.0
+        self, generator: torch.Generator | None = None, budget: float | None = None, offset: Offset = 0.0
     ) -> dict[UnitGroup, Tensor]:
         """Hard masks with straight-through gradients; noisy only in training mode.
 
-        ``offset`` is added to every logit (a higher one keeps more units): see ``offset_for_sparsity``.
+        ``offset`` is added to the logits (a higher one keeps more units): one for all, or one
+        per unit group (see ``offsets_for_sparsity``).
         """
         return {
             g: binarize(
-                logit + offset,
+                logit + _offset_of(offset, g),
                 temperature=self.temperature,
                 base=self.base,
                 stochastic=self.training,
@@ -145,37 +146,55 @@ class PruningGenerator(nn.Module):
         }
 
     @torch.no_grad()
-    def deterministic_masks(self, budget: float | None = None, offset: float = 0.0) -> dict[UnitGroup, Tensor]:
-        """The noise-free hard mask (every logit shifted by ``offset``)."""
+    def deterministic_masks(self, budget: float | None = None, offset: Offset = 0.0) -> dict[UnitGroup, Tensor]:
+        """The noise-free hard mask (the logits shifted by ``offset``)."""
         return _shifted_masks(self.logits(budget), offset, self.temperature, self.base)
 
     @torch.no_grad()
-    def offset_for_sparsity(self, sparsity: float, budget: float | None = None) -> float:
-        """The global logit offset whose noise-free mask is closest to ``sparsity``.
+    def offsets_for_sparsity(self, sparsity: float, budget: float | None = None) -> dict[UnitGroup, float]:
+        """Per unit group, the offset that puts the noise-free mask's attention and its MLP each at ``sparsity``.
 
-        One offset, found by bisection, keeps the generator's ranking of units and hits the
-        budget up to the granularity of one unit.
+        One offset for the attention's units and one for the MLP's, each found by bisection:
+        the ranking within each part is the generator's, the split between them is fixed. The
+        MLP, finer-grained, takes up the attention's rounding, so the whole mask meets ``sparsity``.
         """
-        return self._offset(self.logits(budget), sparsity)
+        logits = self.logits(budget)
+        in_attention = lambda group: group.kind in ATTENTION_KINDS  # noqa: E731
+        attention_offset = self._offset(
+            logits, sparsity, lambda masks: self.space.part_sparsity(masks, ATTENTION_KINDS)
+        )
+        attention_logits = {g: logit for g, logit in logits.items() if in_attention(g)}
+        attention = _shifted_masks(attention_logits, attention_offset, self.temperature, self.base)
+        mlp_offset = self._offset(logits, sparsity, lambda masks: self.space.sparsity({**masks, **attention}))
+        return {g: attention_offset if in_attention(g) else mlp_offset for g in logits}
 
     @torch.no_grad()
     def masks_at_sparsity(
-        self, sparsity: float, *, budget: float | None = None, within: Masks | None = None
+        self, sparsity: float, *, budget: float | None = None, within: Masks | None = None, by_part: bool = False
     ) -> dict[UnitGroup, Tensor]:
         """The noise-free mask whose sparsity is closest to ``sparsity``: the one frozen and exported.
 
         The generator's noise-free decisions drift from the budget that its noisy samples
-        were trained to meet; the offset of ``offset_for_sparsity`` corrects them. ``within``
-        (a mask of a smaller budget) nests the result: a unit it cuts stays cut.
+        were trained to meet; one offset for all logits, found by bisection, keeps its ranking of
+        units and hits the budget up to the granularity of one unit. ``within`` (a mask of a
+        smaller budget) nests the result: a unit it cuts stays cut. ``by_part`` cuts the
+        attention and the MLP each at ``sparsity`` instead (``offsets_for_sparsity``).
         """
+        if by_part:
+            return self.deterministic_masks(budget, self.offsets_for_sparsity(sparsity, budget))
         logits = self.logits(budget)
         if within is not None:
             logits = {g: logit.masked_fill(within[g] == 0, -math.inf) for g, logit in logits.items()}
-        return _shifted_masks(logits, self._offset(logits, sparsity), self.temperature, self.base)
+        offset = self._offset(logits, sparsity, self.space.sparsity)
+        return _shifted_masks(logits, offset, self.temperature, self.base)
 
-    def _offset(self, logits: dict[UnitGroup, Tensor], sparsity: float, iterations: int = 40) -> float:
+    def _offset(
+        self, logits: dict[UnitGroup, Tensor], sparsity: float, measure: Callable[[Masks], float], iterations: int = 40
+    ) -> float:
+        """The offset of all ``logits`` whose noise-free mask's ``measure`` is closest to ``sparsity``."""
+
         def sparsity_at(offset: float) -> float:
-            return self.space.sparsity(_shifted_masks(logits, offset, self.temperature, self.base))
+            return measure(_shifted_masks(logits, offset, self.temperature, self.base))
 
         low, high = -_OFFSET_RANGE, _OFFSET_RANGE  # a higher offset keeps more units
         for _ in range(iterations):
@@ -187,11 +206,17 @@ class PruningGenerator(nn.Module):
         return min((low, high), key=lambda offset: abs(sparsity_at(offset) - sparsity))
 
 
-def _shifted_masks(
-    logits: dict[UnitGroup, Tensor], offset: float, temperature: float, base: float
-) -> dict[UnitGroup, Tensor]:
+# One logit offset for every unit, or one per unit group.
+Offset = float | Mapping[UnitGroup, float]
+
+
+def _offset_of(offset: Offset, group: UnitGroup) -> float:
+    return offset[group] if isinstance(offset, Mapping) else offset
+
+
+def _shifted_masks(logits: dict[UnitGroup, Tensor], offset: Offset, temperature: float, base: float) -> dict[UnitGroup, Tensor]:
     return {
-        g: binarize(logit + offset, temperature=temperature, base=base, stochastic=False)
+        g: binarize(logit + _offset_of(offset, g), temperature=temperature, base=base, stochastic=False)
         for g, logit in logits.items()
     }
 

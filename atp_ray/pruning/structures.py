@@ -16,7 +16,7 @@ A mask for the space is a mapping ``UnitGroup -> Tensor[size]`` of values in [0,
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class UnitGroup:
 
 
 Masks = Mapping[UnitGroup, Tensor]
+
+# The attention's unit kinds, counted together: a KV group owns its query heads.
+ATTENTION_KINDS = (UnitKind.KV_GROUP, UnitKind.QUERY_SLOT)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,14 @@ class PruningSpace:
     def sparsity(self, masks: Masks) -> float:
         """Fraction of prunable parameters that ``masks`` removes."""
         return 1.0 - float(self.kept_fraction(masks).detach())
+
+    def part_sparsity(self, masks: Masks, kinds: Collection[UnitKind]) -> float:
+        """Fraction removed of the parameters that units of ``kinds`` own (the attention's, or the MLP's
+        channels); the other units count as kept."""
+        part = {g: m if g.kind in kinds else torch.ones_like(m) for g, m in masks.items()}
+        none_kept = {g: torch.zeros_like(m) if g.kind in kinds else torch.ones_like(m) for g, m in masks.items()}
+        owned = self.prunable_params - float(self.kept_params(none_kept))
+        return (self.prunable_params - float(self.kept_params(part))) / owned
 
     # -- per-layer views ---------------------------------------------------------------
     def kept_slots(self, masks: Masks, layer: int) -> Tensor:
