@@ -181,6 +181,8 @@ class PruningGenerator(nn.Module):
         attention and the MLP each at ``sparsity`` instead (``offsets_for_sparsity``).
         """
         if by_part:
+            if within is not None:
+                raise ValueError("a cut by part is not nested: it serves runs of one budget")
             return self.deterministic_masks(budget, self.offsets_for_sparsity(sparsity, budget))
         logits = self.logits(budget)
         if within is not None:
