@@ -5,7 +5,7 @@ from transformers import GPT2Config
 
 from atp_ray.errors import UnsupportedArchitectureError
 from atp_ray.models import decoder_layers
-from atp_ray.pruning.structures import PruningSpace, UnitKind
+from atp_ray.pruning.structures import ATTENTION_KINDS, PruningSpace, UnitKind
 
 
 def _prunable_param_count(model) -> int:
@@ -52,6 +52,10 @@ def test_kept_params_counts_each_kept_head_and_channel():
     removed = kv + 4 * query + 10 * channel
     assert int(space.kept_params(masks)) == space.prunable_params - removed
     assert space.query_head_mask(masks, 0).tolist() == [1, 1, 0, 0, 0, 0]
+    # Each part's own share: the attention's of its 2 layers x (2 KV + 6 query heads), the MLP's of its channels.
+    attention_params, mlp_params = 2 * (2 * kv + 6 * query), 2 * space.intermediate_size * channel
+    assert space.part_sparsity(masks, ATTENTION_KINDS) == pytest.approx((kv + 4 * query) / attention_params)
+    assert space.part_sparsity(masks, (UnitKind.MLP_CHANNEL,)) == pytest.approx(10 * channel / mlp_params)
 
 
 def test_kept_fraction_is_differentiable():
