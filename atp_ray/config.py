@@ -321,7 +321,7 @@ class ATPSettings(_Section):
         "lagrangian",
         description="how the control masks meet the annealed target: lagrangian, pulled there by the ratio loss "
         "and the multipliers (the mask may lag, then catch up in bursts); schedule, every control mask shifted "
-        "by the one logit offset that puts its noise-free sparsity on the target (docs/method.md)",
+        "by two logit offsets so that the attention and the MLP each lose the target's share (docs/method.md)",
     )
     generator_lr: float = Field(2e-3, ge=0, description="AdamW learning rate of the generator (0 freezes it)")
     generator_every: int = Field(

@@ -116,18 +116,19 @@ def test_resume_mid_control_restores_the_multipliers(tiny_model_dir, tmp_path, m
 
 def test_on_the_schedule_the_mask_rises_with_the_target_where_the_lagrangian_lags(trained_model_dir, tmp_path, monkeypatch):
     """atp.sparsity_control=schedule: after every control step the noise-free mask is on the next
-    step's annealed target, within one unit, and holds it to the freeze; under the Lagrangian the
+    step's annealed target, within one unit (a joint control step too); under the Lagrangian the
     same model's mask trails the target by 0.1 or more. Stopped in control and resumed, the
     scheduled run ends bit-identical (the offset is recomputed from the generator, not saved)."""
 
-    def worst_gap(name: str, control: str) -> float:
-        _run(trained_model_dir, tmp_path / name, sparsity_control=control)
+    def worst_gap(name: str, control: str, **atp) -> float:
+        _run(trained_model_dir, tmp_path / name, sparsity_control=control, **atp)
         rows = [r for r in _rows(RunFolder(tmp_path / name)) if r["phase"] == "control"]
         # A row's noise-free sparsity is measured after its step: the next step's target is its own.
         return max(abs(row["noise_free_sparsity"] - after["control_target"]) for row, after in zip(rows, rows[1:]))
 
     assert worst_gap("lagrangian", "lagrangian") >= 0.1
     assert worst_gap("schedule", "schedule") <= 0.03
+    assert worst_gap("joint", "schedule", control_step="joint") <= 0.03  # the generator's gradient from the LoRA step
 
     raw = tiny_run_config(trained_model_dir, atp={"sparsity_control": "schedule"}, train={"log_every": 1})
     save = ATPRecipe._checkpoint

@@ -216,7 +216,9 @@ def _offset_of(offset: Offset, group: UnitGroup) -> float:
     return offset[group] if isinstance(offset, Mapping) else offset
 
 
-def _shifted_masks(logits: dict[UnitGroup, Tensor], offset: Offset, temperature: float, base: float) -> dict[UnitGroup, Tensor]:
+def _shifted_masks(
+    logits: dict[UnitGroup, Tensor], offset: Offset, temperature: float, base: float
+) -> dict[UnitGroup, Tensor]:
     return {
         g: binarize(logit + _offset_of(offset, g), temperature=temperature, base=base, stochastic=False)
         for g, logit in logits.items()
