@@ -32,6 +32,25 @@ def _run(model_dir, out, **atp) -> dict:
     return run_atp(load_config(tiny_run_config(model_dir, atp=atp, train={"log_every": 1})), out)
 
 
+def _stop_at_step_ten(raw: dict, out, monkeypatch) -> None:
+    """Run ``raw`` into ``out`` until its step-10 checkpoint is on disk, then stop it as Ctrl-C would."""
+    save = ATPRecipe._checkpoint
+
+    def crash_after_checkpoint(recipe):
+        save(recipe)
+        if recipe.step == 10:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ATPRecipe, "_checkpoint", crash_after_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            run_atp(load_config(raw), out)
+
+
+def _timeless_rows(out) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in _rows(RunFolder(out))]
+
+
 def test_old_schedule_stalls_on_a_model_that_resists_pruning_and_the_new_one_does_not(trained_model_dir, tmp_path):
     """Ratio weight 1: the old fixed-weight schedule settles near 0.34 of a 0.4 target; the new one lands."""
     old = _run(trained_model_dir, tmp_path / "old", ratio_weight=1.0, **OLD_SCHEDULE)
@@ -95,23 +114,11 @@ def test_resume_mid_control_restores_the_multipliers(tiny_model_dir, tmp_path, m
     """Stopped at step 10, while the budget multipliers are nonzero, the run still resumes exactly."""
     raw = tiny_run_config(tiny_model_dir, atp=WEAK_RATIO, train={"steps": 24})
     reference = run_atp(load_config(raw), tmp_path / "reference")
-    save = ATPRecipe._checkpoint
-
-    def crash_after_checkpoint(recipe):
-        save(recipe)
-        if recipe.step == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ATPRecipe, "_checkpoint", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run_atp(load_config(raw), tmp_path / "run")
-    folder = RunFolder(tmp_path / "run")
-    controllers = torch.load(folder.checkpoint, weights_only=True)["source"]["controllers"]
+    _stop_at_step_ten(raw, tmp_path / "run", monkeypatch)
+    controllers = torch.load(RunFolder(tmp_path / "run").checkpoint, weights_only=True)["source"]["controllers"]
     assert controllers[budget_key(raw["atp"]["sparsity"])]["multipliers"].abs().sum() > 0
-    monkeypatch.setattr(ATPRecipe, "_checkpoint", save)
     assert run_atp(load_config(raw), tmp_path / "run") == reference
-    timeless = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
-    assert timeless(_rows(folder)) == timeless(_rows(RunFolder(tmp_path / "reference")))
+    assert _timeless_rows(tmp_path / "run") == _timeless_rows(tmp_path / "reference")
 
 
 def test_on_the_schedule_the_mask_rises_with_the_target_where_the_lagrangian_lags(trained_model_dir, tmp_path, monkeypatch):
@@ -131,20 +138,9 @@ def test_on_the_schedule_the_mask_rises_with_the_target_where_the_lagrangian_lag
     assert worst_gap("joint", "schedule", control_step="joint") <= 0.03  # the generator's gradient from the LoRA step
 
     raw = tiny_run_config(trained_model_dir, atp={"sparsity_control": "schedule"}, train={"log_every": 1})
-    save = ATPRecipe._checkpoint
-
-    def crash_after_checkpoint(recipe):
-        save(recipe)
-        if recipe.step == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ATPRecipe, "_checkpoint", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run_atp(load_config(raw), tmp_path / "resumed")
-    monkeypatch.setattr(ATPRecipe, "_checkpoint", save)
+    _stop_at_step_ten(raw, tmp_path / "resumed", monkeypatch)
     run_atp(load_config(raw), tmp_path / "resumed")
-    timeless = lambda name: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _rows(RunFolder(tmp_path / name))]  # noqa: E731
-    assert timeless("resumed") == timeless("schedule")
+    assert _timeless_rows(tmp_path / "resumed") == _timeless_rows(tmp_path / "schedule")
 
 
 def test_generator_every_k_updates_it_on_every_kth_control_step_only(trained_model_dir, tmp_path):
@@ -292,5 +288,4 @@ def test_a_postponed_freeze_resumes_exactly(trained_model_dir, tmp_path, late_cu
         run(StoppedAtTen, "resumed")
     resumed, summary = run(ATPRecipe, "resumed")
     assert summary == expected and resumed.source.budget.control_loss == whole.source.budget.control_loss
-    untimed = lambda name: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _rows(RunFolder(tmp_path / name))]  # noqa: E731
-    assert untimed("resumed") == untimed("whole")
+    assert _timeless_rows(tmp_path / "resumed") == _timeless_rows(tmp_path / "whole")
