@@ -250,6 +250,7 @@ class LearnedMasks(MaskSource):
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=config.atp.generator_lr)
         self.scheduled = config.atp.sparsity_control == "schedule"
         self.offset: Offset = 0.0  # added to the logits of this control step's masks
+        self.offset_step: int | None = None  # the step whose target self.offset meets (on the schedule)
 
     @property
     def budget(self) -> BudgetController:
@@ -298,7 +299,10 @@ class LearnedMasks(MaskSource):
         """
         if not self.scheduled:
             return 0.0
-        return self.generator.offsets_for_sparsity(controller.target(step))
+        # after_step(n) finds step n's offsets on the weights step n starts from: no second bisection.
+        if self.offset_step != step:
+            self.offset, self.offset_step = self.generator.offsets_for_sparsity(controller.target(step)), step
+        return self.offset
 
     def _drawn(self, step: int) -> tuple[BudgetController, float | None]:
         """The budget controller of step ``step`` and the budget its generator reads (None: it reads none)."""
