@@ -159,14 +159,15 @@ class PruningGenerator(nn.Module):
         MLP, finer-grained, takes up the attention's rounding, so the whole mask meets ``sparsity``.
         """
         logits = self.logits(budget)
-        in_attention = lambda group: group.kind in ATTENTION_KINDS  # noqa: E731
+        # Each bisection binarizes only its own part's units.
+        attention_logits = {g: logit for g, logit in logits.items() if g.kind in ATTENTION_KINDS}
+        mlp_logits = {g: logit for g, logit in logits.items() if g not in attention_logits}
         attention_offset = self._offset(
-            logits, sparsity, lambda masks: self.space.part_sparsity(masks, ATTENTION_KINDS)
+            attention_logits, sparsity, lambda masks: self.space.part_sparsity(masks, ATTENTION_KINDS)
         )
-        attention_logits = {g: logit for g, logit in logits.items() if in_attention(g)}
         attention = _shifted_masks(attention_logits, attention_offset, self.temperature, self.base)
-        mlp_offset = self._offset(logits, sparsity, lambda masks: self.space.sparsity({**masks, **attention}))
-        return {g: attention_offset if in_attention(g) else mlp_offset for g in logits}
+        mlp_offset = self._offset(mlp_logits, sparsity, lambda masks: self.space.sparsity({**masks, **attention}))
+        return {g: attention_offset if g in attention_logits else mlp_offset for g in logits}
 
     @torch.no_grad()
     def masks_at_sparsity(

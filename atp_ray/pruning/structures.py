@@ -192,9 +192,11 @@ class PruningSpace:
 
     def part_sparsity(self, masks: Masks, kinds: Collection[UnitKind]) -> float:
         """Fraction removed of the parameters that units of ``kinds`` own (the attention's, or the MLP's
-        channels); the other units count as kept."""
-        part = {g: m if g.kind in kinds else torch.ones_like(m) for g, m in masks.items()}
-        none_kept = {g: torch.zeros_like(m) if g.kind in kinds else torch.ones_like(m) for g, m in masks.items()}
+        channels). ``masks`` needs only those units' groups: the other units count as kept."""
+        device = next(iter(masks.values())).device
+        kept = {g: torch.ones(g.size, device=device) for g in self.groups if g.kind not in kinds}
+        part = {**kept, **{g: masks[g] for g in self.groups if g.kind in kinds}}
+        none_kept = {**kept, **{g: torch.zeros(g.size, device=device) for g in self.groups if g.kind in kinds}}
         owned = self.prunable_params - float(self.kept_params(none_kept))
         return (self.prunable_params - float(self.kept_params(part))) / owned
 

@@ -274,7 +274,7 @@ class LearnedMasks(MaskSource):
     # -- control steps -------------------------------------------------------------------
     def _control(self, step: int, lora_step: LoraStep) -> tuple[Masks, dict[str, float]]:
         controller, budget = self._drawn(step)
-        self.offset = self._control_offset(step, controller)
+        self._follow_schedule(step, controller)
         if step % self.atp.generator_every != 0:
             masks = self._sample(step, budget)
             return masks, lora_step(masks)
@@ -287,8 +287,8 @@ class LearnedMasks(MaskSource):
         controller.track_loss(metrics["generator_loss"])
         return masks, metrics
 
-    def _control_offset(self, step: int, controller: BudgetController) -> Offset:
-        """The logit offsets of step ``step``'s masks: none, or those that put them on the annealed target.
+    def _follow_schedule(self, step: int, controller: BudgetController) -> None:
+        """Set the logit offsets of step ``step``'s masks: none, or those that put them on the annealed target.
 
         Under the Lagrangian the mask lags the target while the multipliers grow, then catches
         up in bursts of cuts that LoRA has not adapted to (docs/results.md). On the schedule
@@ -297,12 +297,9 @@ class LearnedMasks(MaskSource):
         to 32% of its channels at 0.6 on SmolLM2 (held-out perplexity 3,196): a unit's logit
         says what it is worth, not how many parameters it holds.
         """
-        if not self.scheduled:
-            return 0.0
         # after_step(n) finds step n's offsets on the weights step n starts from: no second bisection.
-        if self.offset_step != step:
+        if self.scheduled and self.offset_step != step:
             self.offset, self.offset_step = self.generator.offsets_for_sparsity(controller.target(step)), step
-        return self.offset
 
     def _drawn(self, step: int) -> tuple[BudgetController, float | None]:
         """The budget controller of step ``step`` and the budget its generator reads (None: it reads none)."""
@@ -393,7 +390,7 @@ class LearnedMasks(MaskSource):
             return
         controller = self.budget
         # On the schedule, the offset follows the generator's update: its mask is what the next step sees.
-        self.offset = self._control_offset(step, controller)
+        self._follow_schedule(step, controller)
         self.noise_free_sparsity = self.bench.space.sparsity(self.generator.deterministic_masks(offset=self.offset))
         if not controller.freeze_due(step, self.noise_free_sparsity):
             return
