@@ -18,6 +18,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from atp_ray.config import load_config
+from atp_ray.errors import ConfigError
 from atp_ray.runtime.modeling import load_tokenizer
 from atp_ray.runtime.run_folder import RunFolder
 from atp_ray.training.atp import run_atp
@@ -78,9 +79,20 @@ def timed_run(raw: dict[str, Any], out: Path) -> tuple[dict[str, Any], float]:
 
 
 def finished_in(raw: dict[str, Any], out: Path) -> bool:
-    """Whether ``out`` (a kept folder) holds ``raw``'s run, finished."""
+    """Whether ``out`` (a kept folder) holds ``raw``'s run, finished.
+
+    The saved config is read through today's schema: a run made before a knob existed is that
+    knob at its default (a new knob's default keeps the old behaviour), so it need not train again.
+    A saved config today's schema refuses (a knob renamed or gone) is another run.
+    """
     folder = RunFolder(out)
-    return folder.is_finished() and folder.read_config() == load_config(raw).to_dict()
+    if not folder.is_finished():
+        return False
+    try:
+        saved = load_config(folder.read_config())
+    except ConfigError:
+        return False
+    return saved.to_dict() == load_config(raw).to_dict()
 
 
 def kept_or_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:

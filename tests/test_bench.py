@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_run_config
 
 from atp_ray.config import load_config
@@ -93,6 +95,24 @@ def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:  # a tuned teacher needs the dense LoRA run
         _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--methods", "atp + distill"])
     assert caught.value.code == 2 and "add 'dense lora' to --methods" in capsys.readouterr().err
+
+
+def test_a_kept_run_saved_before_a_knob_existed_is_not_trained_again(finished_run, tmp_path):
+    from bench._runs import finished_in
+
+    kept = tmp_path / "kept"
+    shutil.copytree(finished_run.folder.root, kept)
+    saved = RunFolder(kept).read_config()
+    assert finished_in(finished_run.raw, kept)
+    # A run saved before atp.sparsity_control existed: the knob's default is that run.
+    del saved["atp"]["sparsity_control"]
+    RunFolder(kept).config.write_text(yaml.safe_dump(saved))
+    assert finished_in(finished_run.raw, kept)
+    # Another value is another run; so is a knob today's schema no longer knows.
+    assert not finished_in({**finished_run.raw, "atp": {**finished_run.raw["atp"], "sparsity_control": "schedule"}}, kept)
+    saved["atp"]["retired_knob"] = 1
+    RunFolder(kept).config.write_text(yaml.safe_dump(saved))
+    assert not finished_in(finished_run.raw, kept)
 
 
 def test_compress_speed_benches_a_finished_run(monkeypatch, capsys, tiny_model_dir, tmp_path):
