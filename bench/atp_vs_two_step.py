@@ -18,7 +18,7 @@ is the same seed's dense LoRA run, so it needs ``dense lora`` among the methods,
 blocks per batch where ATP's generator updates take the shipped 2.
 
 With ``--keep DIR``, a run whose folder there already holds it finished (same config) is
-not trained again. Each finished run folder is scored by the evaluation recipe (``atp-ray eval``):
+not trained again, nor scored again. Each finished run folder is scored by the evaluation recipe (``atp-ray eval``):
 held-out perplexity on the run's own held-out split (domain-ppl) and accuracy on the HPO
 term and ICD-10 chapter quizzes. Retention is dense LoRA's perplexity over the pruned
 model's (1.0 = nothing lost), paired by seed. Cells are mean ± sd over seeds.
@@ -27,6 +27,7 @@ model's (1.0 = nothing lost), paired by seed. Cells are mean ± sd over seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 
 from atp_ray.config import DISTILL_TEACHERS, RunConfig, apply_overrides, load_config
 from atp_ray.evaluation.eval_recipe import run_eval
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
 from bench._runs import base_config, kept_or_run, mean_sd, with_overrides
 
 DENSE = "dense lora"
@@ -61,9 +63,19 @@ SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), 
 
 
 def score(run_dir: Path, max_samples: int | None) -> dict[str, float]:
-    """Held-out perplexity and both quizzes' accuracy of a finished run folder."""
+    """Held-out perplexity and both quizzes' accuracy of a finished run folder.
+
+    Kept beside the folder (``<run>.bench-scores.json``) and read back while the run (its
+    summary) and the sample count are the same: a kept run is not scored twice.
+    """
+    kept = run_dir.with_name(run_dir.name + ".bench-scores.json")
+    key = {"summary": json.loads(RunFolder(run_dir).summary.read_text()), "max_samples": max_samples}
+    if kept.is_file() and (saved := json.loads(kept.read_text()))["key"] == key:
+        return saved["scores"]
     tasks = run_eval(str(run_dir), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
-    return {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
+    scores = {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
+    atomic_write_json(kept, {"key": key, "scores": scores})
+    return scores
 
 
 def calibration(config: RunConfig) -> str:
