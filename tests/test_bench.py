@@ -45,8 +45,9 @@ def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys, tmp_path
     out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [r[0] for r in rows] == ["dense lora", "atp", "atp + distill", "two-step taylor", "two-step taylor + distill"]
-    # Each method's calibration is in the table: quick two-step scores 2 batches of 4 blocks once.
-    assert [r[2] for r in rows] == ["-", "2 per update (+4 once, prior)", "2 per update (+4 once, prior)", "8 once", "8 once"]
+    # Each method's calibration is in the table: quick two-step scores 2 batches of 4 blocks once, protected.
+    two_step = "8 once, protect 0.5"
+    assert [r[2] for r in rows] == ["-", "2 per update (+4 once, prior)", "2 per update (+4 once, prior)", two_step, two_step]
     assert "± " in out
     # The kept run folders: only "+ distill" runs trained with the KL term. Two-step's mask is
     # frozen from step 0; ATP distils once its mask is frozen (if this 4-step run gets there).
