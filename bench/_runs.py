@@ -95,6 +95,20 @@ def finished_in(raw: dict[str, Any], out: Path) -> bool:
     return saved.to_dict() == load_config(raw).to_dict()
 
 
+def refuse_stale(runs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Stop before anything trains if a kept folder holds a finished run of another config.
+
+    Such a folder (a method or knob changed since) cannot take the new run, and finding that
+    out when its turn comes would stop a long bench hours in.
+    """
+    stale = [str(out) for raw, out in runs if RunFolder(out).is_finished() and not finished_in(raw, out)]
+    if stale:
+        raise SystemExit(
+            "these kept folders hold finished runs of another config; move them away or choose another --keep:\n  "
+            + "\n  ".join(stale)
+        )
+
+
 def kept_or_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     """The summary of ``raw``'s run in ``out``: read when a kept folder holds it finished, else trained now."""
     if finished_in(raw, out):

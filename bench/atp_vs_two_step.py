@@ -39,7 +39,7 @@ import torch
 from atp_ray.config import DISTILL_TEACHERS, RunConfig, apply_overrides, load_config
 from atp_ray.evaluation.eval_recipe import run_eval
 from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
-from bench._runs import base_config, kept_or_run, mean_sd, with_overrides
+from bench._runs import base_config, kept_or_run, mean_sd, refuse_stale, with_overrides
 
 DENSE = "dense lora"
 # The distilled variants' weight of the KL term (the config ships distillation off).
@@ -104,35 +104,39 @@ def run_folder(workdir: Path, name: str, sparsity: float, seed: int) -> Path:
     return workdir / f"{name.replace(' ', '-').replace('+', 'plus')}-{sparsity}-{seed}"
 
 
-def run_all(
-    raw: dict[str, Any],
-    workdir: Path,
-    sparsities: list[float],
-    seeds: list[int],
-    max_samples: int | None,
-    methods: list[str],
-    teacher: str,
-) -> Results:
-    """Scores keyed by (method, sparsity) -> one dict per seed; dense LoRA under sparsity 0."""
-    results: Results = {}
+# One run of the bench: method name, target sparsity, seed, its raw config, its folder.
+Run = tuple[str, float, int, dict[str, Any], Path]
+
+
+def plan(
+    raw: dict[str, Any], workdir: Path, sparsities: list[float], seeds: list[int], methods: list[str], teacher: str
+) -> list[Run]:
+    """Every run, in the order made: per seed, dense LoRA first, so a tuned teacher exists when the distilled runs start."""
+    runs: list[Run] = []
     for seed in seeds:
-        runs = [(DENSE, 0.0)] if DENSE in methods else []
-        runs += [(name, s) for s in sparsities for name in methods if name != DENSE]
-        # The distilled runs' teacher; dense LoRA runs first, so a tuned teacher exists when they start.
+        pairs = [(DENSE, 0.0)] if DENSE in methods else []
+        pairs += [(name, s) for s in sparsities for name in methods if name != DENSE]
         distill = {"teacher": teacher}
         if teacher == "tuned":
             distill["teacher_run"] = str(run_folder(workdir, DENSE, 0.0, seed))
-        for name, sparsity in runs:
+        for name, sparsity in pairs:
             raw_run = with_overrides(with_overrides(raw, **METHODS[name]), atp={"sparsity": sparsity}, train={"seed": seed})
             if raw_run["distill"]["weight"] > 0:
                 raw_run = with_overrides(raw_run, distill=distill)
-            out = run_folder(workdir, name, sparsity, seed)
-            summary = kept_or_run(raw_run, out)
-            scores = {**score(out, max_samples), "sparsity": summary["sparsity"]}
-            scores["calibration"] = calibration(load_config(raw_run))
-            results.setdefault((name, sparsity), []).append(scores)
-            # One line per finished run, so a long bench stopped early still shows what it measured.
-            print(f"{name}, sparsity {sparsity}, seed {seed}: {scores}", flush=True)
+            runs.append((name, sparsity, seed, raw_run, run_folder(workdir, name, sparsity, seed)))
+    return runs
+
+
+def run_all(runs: list[Run], max_samples: int | None) -> Results:
+    """Scores keyed by (method, sparsity) -> one dict per seed; dense LoRA under sparsity 0."""
+    results: Results = {}
+    for name, sparsity, seed, raw_run, out in runs:
+        summary = kept_or_run(raw_run, out)
+        scores = {**score(out, max_samples), "sparsity": summary["sparsity"]}
+        scores["calibration"] = calibration(load_config(raw_run))
+        results.setdefault((name, sparsity), []).append(scores)
+        # One line per finished run, so a long bench stopped early still shows what it measured.
+        print(f"{name}, sparsity {sparsity}, seed {seed}: {scores}", flush=True)
     return results
 
 
@@ -190,7 +194,9 @@ def main() -> None:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         raw = apply_overrides(base_config(args.quick, workdir), args.overrides)
-        results = run_all(raw, workdir, sparsities, args.seeds, max_samples, args.methods, args.teacher)
+        runs = plan(raw, workdir, sparsities, args.seeds, args.methods, args.teacher)
+        refuse_stale([(raw_run, out) for *_, raw_run, out in runs])
+        results = run_all(runs, max_samples)
     print(
         f"{raw['model']['path']}, {raw['train']['steps']} steps, batch {raw['train']['batch_size']}, "
         f"seeds {args.seeds}, {max_samples} held-out blocks / quiz questions per run"

@@ -120,6 +120,19 @@ def test_a_kept_run_saved_before_a_knob_existed_is_not_trained_again(finished_ru
     assert not finished_in(finished_run.raw, kept)
 
 
+def test_atp_vs_two_step_refuses_a_kept_folder_of_another_run_before_training(monkeypatch, capsys, finished_run, tmp_path):
+    from bench import atp_vs_two_step
+
+    other = tmp_path / "atp-0.4-0"  # the folder the bench's atp run at 40%, seed 0 would use
+    shutil.copytree(finished_run.folder.root, other)
+    summary = RunFolder(other).summary.read_text()
+    with pytest.raises(SystemExit) as caught:
+        _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "1", "--methods", "atp", "--keep", str(tmp_path)])
+    assert str(other) in str(caught.value) and "another config" in str(caught.value)
+    # Nothing trained: not seed 0's run, not seed 1's, and the kept run is as it was.
+    assert not (tmp_path / "atp-0.4-1").exists() and RunFolder(other).summary.read_text() == summary
+
+
 def test_atp_vs_two_step_scores_a_kept_run_once(monkeypatch, finished_run, tmp_path):
     from bench import atp_vs_two_step
 
