@@ -11,6 +11,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from atp_ray.config import load_config
 from atp_ray.errors import ConfigError
 from atp_ray.runtime.modeling import load_tokenizer
-from atp_ray.runtime.run_folder import RunFolder
+from atp_ray.evaluation.eval_recipe import run_eval
+from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
 from atp_ray.training.atp import run_atp
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded.yaml"
@@ -114,6 +116,25 @@ def kept_or_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     if finished_in(raw, out):
         return json.loads(RunFolder(out).summary.read_text())
     return timed_run(raw, out)[0]
+
+
+# score name -> (eval task, the value read from it)
+SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), "icd": ("icd10-chapter", "accuracy")}
+
+
+def score(path: Path, max_samples: int | None) -> dict[str, float]:
+    """Held-out perplexity and both quizzes' accuracy of a run or model folder, as ``atp-ray eval`` scores them."""
+    tasks = run_eval(str(path), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
+    return {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
+
+
+def kept_or_scored(kept: Path, key: dict[str, Any], scored: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``scored()``, kept in the file ``kept`` and read back from it while ``key`` is the same."""
+    if kept.is_file() and (saved := json.loads(kept.read_text())).get("key") == key:
+        return saved["scores"]
+    scores = scored()
+    atomic_write_json(kept, {"key": key, "scores": scores})
+    return scores
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:

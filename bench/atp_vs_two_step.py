@@ -37,9 +37,8 @@ from typing import Any
 import torch
 
 from atp_ray.config import DISTILL_TEACHERS, RunConfig, apply_overrides, load_config
-from atp_ray.evaluation.eval_recipe import run_eval
-from atp_ray.runtime.run_folder import RunFolder, atomic_write_json
-from bench._runs import base_config, kept_or_run, mean_sd, refuse_stale, with_overrides
+from atp_ray.runtime.run_folder import RunFolder
+from bench._runs import base_config, kept_or_run, kept_or_scored, mean_sd, refuse_stale, score, with_overrides
 
 DENSE = "dense lora"
 # The distilled variants' weight of the KL term (the config ships distillation off).
@@ -66,24 +65,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "two-step taylor + distill": {**_TAYLOR, **_DISTILL},
 }
 DEFAULT_METHODS = [DENSE, "atp", "atp + distill", "two-step taylor", "two-step taylor + distill"]
-# score name -> (eval task, the value read from it)
-SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), "icd": ("icd10-chapter", "accuracy")}
 
 
-def score(run_dir: Path, max_samples: int | None) -> dict[str, float]:
+def scored_run(run_dir: Path, max_samples: int | None) -> dict[str, float]:
     """Held-out perplexity and both quizzes' accuracy of a finished run folder.
 
     Kept beside the folder (``<run>.bench-scores.json``) and read back while the run (its
     summary) and the sample count are the same: a kept run is not scored twice.
     """
-    kept = run_dir.with_name(run_dir.name + ".bench-scores.json")
     key = {"summary": json.loads(RunFolder(run_dir).summary.read_text()), "max_samples": max_samples}
-    if kept.is_file() and (saved := json.loads(kept.read_text()))["key"] == key:
-        return saved["scores"]
-    tasks = run_eval(str(run_dir), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
-    scores = {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
-    atomic_write_json(kept, {"key": key, "scores": scores})
-    return scores
+    kept = run_dir.with_name(run_dir.name + ".bench-scores.json")
+    return kept_or_scored(kept, key, lambda: score(run_dir, max_samples))
 
 
 def calibration(config: RunConfig) -> str:
@@ -132,7 +124,7 @@ def run_all(runs: list[Run], max_samples: int | None) -> Results:
     results: Results = {}
     for name, sparsity, seed, raw_run, out in runs:
         summary = kept_or_run(raw_run, out)
-        scores = {**score(out, max_samples), "sparsity": summary["sparsity"]}
+        scores = {**scored_run(out, max_samples), "sparsity": summary["sparsity"]}
         scores["calibration"] = calibration(load_config(raw_run))
         results.setdefault((name, sparsity), []).append(scores)
         # One line per finished run, so a long bench stopped early still shows what it measured.

@@ -36,16 +36,13 @@ import torch
 
 from atp_ray.compression.compress import compress_run
 from atp_ray.config import apply_overrides
-from atp_ray.evaluation.eval_recipe import run_eval
 from atp_ray.runtime.run_folder import budget_key
 from atp_ray.search.front import hypervolume, pareto_mask
-from bench._runs import base_config, finished_in, timed_run, with_overrides
+from bench._runs import base_config, finished_in, kept_or_scored, score, timed_run, with_overrides
 
 # The fronts' hypervolume is measured from one perplexity for all sides: this, worse than any model
 # on the embedded default (60% dedicated ATP: about 174-190), or past the worst model of the run.
 REFERENCE_PERPLEXITY = 1000.0
-# score name -> (eval task, the value read from it)
-SCORES = {"ppl": ("domain-ppl", "perplexity"), "hpo": ("hpo-term", "accuracy"), "icd": ("icd10-chapter", "accuracy")}
 
 Points = dict[float, dict[str, float]]  # budget -> scores of its compressed model
 # In each run folder the bench trained: its training cost, so that a rerun with the same --keep
@@ -77,26 +74,19 @@ class Side:
         self.wall_s += cost["wall_s"]
 
 
-def score(model_dir: Path, max_samples: int | None) -> dict[str, float]:
-    """Held-out perplexity and both quizzes' accuracy of a compressed model folder."""
-    tasks = run_eval(str(model_dir), sorted({task for task, _ in SCORES.values()}), max_samples=max_samples)["tasks"]
-    return {name: tasks[task]["values"][value] for name, (task, value) in SCORES.items()}
-
-
 def compress_and_score(run_dir: Path, budget: float | None, out: Path, max_samples: int | None) -> dict[str, float]:
     """Compress a finished run's model (an elastic run's at ``budget``) into ``out`` and score it (or reuse both)."""
-    scores_file = out.with_name(f"{out.name}.scores.json")
-    if scores_file.is_file() and json.loads(scores_file.read_text())["max_samples"] == max_samples:
-        return json.loads(scores_file.read_text())["scores"]
-    record = compress_run(run_dir, out, sparsity=budget)
-    scores = {
-        **score(out, max_samples),
-        "params": float(record.params),
-        "dense_params": float(record.dense_params),
-        "sparsity": record.sparsity,
-    }
-    scores_file.write_text(json.dumps({"max_samples": max_samples, "scores": scores}))
-    return scores
+
+    def compressed_and_scored() -> dict[str, float]:
+        record = compress_run(run_dir, out, sparsity=budget)
+        return {
+            **score(out, max_samples),
+            "params": float(record.params),
+            "dense_params": float(record.dense_params),
+            "sparsity": record.sparsity,
+        }
+
+    return kept_or_scored(out.with_name(f"{out.name}.scores.json"), {"max_samples": max_samples}, compressed_and_scored)
 
 
 def dedicated(raw: dict[str, Any], workdir: Path, budgets: list[float], max_samples: int | None) -> Side:

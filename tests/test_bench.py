@@ -134,19 +134,19 @@ def test_atp_vs_two_step_refuses_a_kept_folder_of_another_run_before_training(mo
 
 
 def test_atp_vs_two_step_scores_a_kept_run_once(monkeypatch, finished_run, tmp_path):
-    from bench import atp_vs_two_step
+    from bench import _runs, atp_vs_two_step
 
     kept = tmp_path / "atp-0.4-0"
     shutil.copytree(finished_run.folder.root, kept)
     evaluations = []
-    evaluate = atp_vs_two_step.run_eval
-    monkeypatch.setattr(atp_vs_two_step, "run_eval", lambda *a, **kw: evaluations.append(a) or evaluate(*a, **kw))
-    first = atp_vs_two_step.score(kept, max_samples=4)
-    assert atp_vs_two_step.score(kept, max_samples=4) == first and len(evaluations) == 1
-    atp_vs_two_step.score(kept, max_samples=2)  # another sample count is scored anew
+    evaluate = _runs.run_eval
+    monkeypatch.setattr(_runs, "run_eval", lambda *a, **kw: evaluations.append(a) or evaluate(*a, **kw))
+    first = atp_vs_two_step.scored_run(kept, max_samples=4)
+    assert atp_vs_two_step.scored_run(kept, max_samples=4) == first and len(evaluations) == 1
+    atp_vs_two_step.scored_run(kept, max_samples=2)  # another sample count is scored anew
     summary = RunFolder(kept).summary
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "eval_loss": 0.0}))  # the run trained again
-    atp_vs_two_step.score(kept, max_samples=2)
+    atp_vs_two_step.scored_run(kept, max_samples=2)
     assert len(evaluations) == 3
 
 
