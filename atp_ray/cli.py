@@ -57,6 +57,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"run finished: {out}{budget}  sparsity={outcome['sparsity']:.4f}  eval_loss={outcome['eval_loss']:.4f}")
 
 
+def _cmd_distill_cache(args: argparse.Namespace) -> None:
+    from atp_ray.config import load_config
+    from atp_ray.runtime.modeling import check_model_reachable
+    from atp_ray.training.atp import build_teacher_cache
+
+    config = load_config(resolve(args.config, "configs"), args.overrides)
+    check_model_reachable(config.model.path)
+    out = Path(args.out)
+    count = build_teacher_cache(config, out)
+    print(
+        f"teacher cache written: {out} (the top {config.distill.top_k} logits of the {config.distill.teacher} "
+        f"teacher on {count} training blocks); runs with this config read it with distill.cache={out.resolve()}"
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
@@ -353,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strategy", help="distributed.strategy (an unknown name is refused, with the known ones)")
     train.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
     train.set_defaults(handler=_cmd_train)
+
+    cache = commands.add_parser(
+        "distill-cache", help="compute a fixed distillation teacher's top-k logits once, for every run on the same data"
+    )
+    cache.add_argument("--config", required=True, help="the run config the cache is for (its data, steps, teacher)")
+    cache.add_argument("--out", required=True, help="the cache file to write; runs read it as distill.cache")
+    cache.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. distill.top_k=64")
+    cache.set_defaults(handler=_cmd_distill_cache)
 
     compress = commands.add_parser("compress", help="merge a finished run's LoRA and cut its pruned units out")
     compress.add_argument("run_dir", help="a finished run folder (holds mask.json and adapter/)")

@@ -478,19 +478,30 @@ class DistillSettings(_Section):
         False,
         description="distil only once the mask is frozen (atp: after control; two-step and lora freeze at step 0)",
     )
+    cache: str | None = Field(
+        None,
+        description="a file written by `atp-ray distill-cache` with this config: the teacher's top-k logits on "
+        "the run's training blocks, read instead of running the teacher (dense and tuned teachers, top_k set)",
+    )
 
-    @field_validator("teacher_run")
+    @field_validator("teacher_run", "cache")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
         # A trial runs in its own working directory: a relative folder would name another place there.
         return None if path is None else str(Path(os.path.expanduser(path)).resolve())
 
     @model_validator(mode="after")
-    def _teacher_run_with_tuned(self) -> DistillSettings:
+    def _teacher_settings_agree(self) -> DistillSettings:
         if self.teacher == "tuned" and self.teacher_run is None:
             raise ValueError("teacher 'tuned' needs teacher_run: the folder of a finished method=lora run of this model")
         if self.teacher != "tuned" and self.teacher_run is not None:
             raise ValueError(f"teacher_run is read by teacher 'tuned' only (got teacher {self.teacher!r})")
+        if self.cache is not None and (self.teacher == "inplace" or self.top_k is None):
+            raise ValueError(
+                "cache holds a fixed teacher's top-k logits: it needs teacher 'dense' or 'tuned' (the in-place "
+                "teacher changes as LoRA trains) and top_k set "
+                f"(got teacher {self.teacher!r}, top_k {self.top_k})"
+            )
         return self
 
 

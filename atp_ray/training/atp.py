@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 import yaml
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from atp_ray.config import RunConfig
 from atp_ray.data.batches import BatchStream, build_splits
+from atp_ray.errors import ConfigError
 from atp_ray.evaluation.evaluate import perplexity
 from atp_ray.pruning.losses import lora_group_lasso, ratio_loss
 from atp_ray.pruning.masking import masked
@@ -38,11 +39,12 @@ from atp_ray.pruning.structures import Masks, PruningSpace
 from atp_ray.runtime.modeling import enable_activation_checkpointing, load_model, load_tokenizer, teacher_adapter
 from atp_ray.runtime.process import CheckpointStore, FolderCheckpoints, ProcessContext
 from atp_ray.runtime.run_folder import RunFolder, atomic_write_bytes, atomic_write_json, budget_key
-from atp_ray.training.distillation import attach_tuned_teacher, distillation_loss, teacher_logits
+from atp_ray.training.distillation import TopLogits, attach_tuned_teacher, distillation_loss, teacher_logits
 from atp_ray.training.elastic import ElasticMasks
 from atp_ray.training.mask_sources import MASK_SOURCES, Workbench
 from atp_ray.training.memory_plan import GIB, ModelShape, resolve_checkpointing
 from atp_ray.training.strategy import strategy_from_config, use_bf16
+from atp_ray.training.teacher_cache import TeacherCache, drawn_blocks, write_teacher_cache
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +110,12 @@ class ATPRecipe:
         self.eval_blocks = splits.evaluation
 
         self.strategy = strategy_from_config(cfg, self.context)
-        lora = LoraConfig(
-            r=cfg.lora.rank,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        self.model = self.strategy.build_model(functools.partial(load_model, cfg.model.path, cfg.model.dtype), lora)
-        if cfg.distill.weight > 0 and cfg.distill.teacher == "tuned":  # frozen: before the trained params are listed
+        load_base = functools.partial(load_model, cfg.model.path, cfg.model.dtype)
+        self.model = self.strategy.build_model(load_base, _lora_config(cfg))
+        self.teacher_cache = None
+        if cfg.distill.weight > 0 and cfg.distill.cache is not None:
+            self.teacher_cache = TeacherCache(Path(cfg.distill.cache), cfg)
+        elif cfg.distill.weight > 0 and cfg.distill.teacher == "tuned":  # frozen: before the trained params are listed
             attach_tuned_teacher(self.model, teacher_adapter(cfg.distill.teacher_run, cfg.model.path))
         self.space = PruningSpace.from_config(self.model.config)
         self.checkpointing = self._wants_checkpointing()
@@ -217,12 +216,7 @@ class ATPRecipe:
         task_losses, distill_losses = [], []
         for micro in range(accumulation):
             batch = self._to_device(self.train_stream.batch(self.step * accumulation + micro))
-            teacher = None
-            if distilling:
-                # Before the mask's context: the teacher is the unmasked model. Every rank runs it
-                # (under ZeRO-3 its forward gathers the same shards as the student's).
-                with self.autocast():
-                    teacher = teacher_logits(self.model, batch, distill.teacher)
+            teacher = self._teacher(batch) if distilling else None
             # Backward inside the mask's context: activation checkpointing recomputes layers there.
             with masked(self.model, self.space, masks):
                 with self.autocast():
@@ -254,6 +248,15 @@ class ATPRecipe:
         if distill_losses:
             metrics["distill"] = sum(distill_losses) / accumulation  # the KL before its weight
         return metrics
+
+    def _teacher(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | TopLogits:
+        """The distillation teacher's logits on ``batch``: read from ``distill.cache``, else its forward."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.top_logits(batch["input_ids"])
+        # Before the mask's context: the teacher is the unmasked model. Every rank runs it
+        # (under ZeRO-3 its forward gathers the same shards as the student's).
+        with self.autocast():
+            return teacher_logits(self.model, batch, self.config.distill.teacher)
 
     def _params_kept(self, masks: Masks) -> float:
         """Parameters of the whole model that ``masks`` keeps (LoRA not counted)."""
@@ -388,6 +391,35 @@ class ATPRecipe:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def build_teacher_cache(config: RunConfig, path: Path, progress: bool = True) -> int:
+    """Write ``config``'s teacher's top-k logits on every training block its run draws to ``path``.
+
+    What ``atp-ray distill-cache`` runs: one process, the model built as a run builds it, the
+    teacher's forward under the run's precision. Returns the number of blocks cached.
+    """
+    if config.distill.teacher == "inplace" or config.distill.top_k is None:
+        raise ConfigError(["a teacher cache needs distill.teacher dense or tuned and distill.top_k set"])
+    context = ProcessContext.current(config.train.device)
+    splits = build_splits(config.data, load_tokenizer(config.model.path), config.train.seed)
+    model = get_peft_model(load_model(config.model.path, config.model.dtype), _lora_config(config)).to(context.device)
+    if config.distill.teacher == "tuned":
+        attach_tuned_teacher(model, teacher_adapter(config.distill.teacher_run, config.model.path))
+    blocks = drawn_blocks(config, splits.train)
+    with _autocast(config.train.precision, context.device):
+        return write_teacher_cache(config, model, blocks, path, config.train.batch_size, progress)
+
+
+def _lora_config(config: RunConfig) -> LoraConfig:
+    lora = config.lora
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

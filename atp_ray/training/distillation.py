@@ -19,21 +19,32 @@ The loss is ``T^2 * KL(teacher_T || student_T)``, averaged over the target token
 whose label is not ignored), with ``_T`` the softmax at temperature ``T``; the ``T^2``
 keeps its gradient's scale independent of ``T`` (Hinton et al.). With ``top_k`` the
 teacher's distribution is restricted to its ``k`` most likely tokens and renormalised there,
-and the student's full-vocabulary log-probabilities are read on that support: what a
-cache of the teacher's top-k logits would give. Plain PyTorch: no Ray, no DeepSpeed.
+and the student's full-vocabulary log-probabilities are read on that support. A fixed
+teacher's top-k logits can also come precomputed (:class:`TopLogits`, from
+atp_ray.training.teacher_cache): the same loss without the teacher's forward.
+Plain PyTorch: no Ray, no DeepSpeed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from atp_ray.data.batches import IGNORE_INDEX
 
-__all__ = ["TEACHERS", "TEACHER_ADAPTER", "attach_tuned_teacher", "distillation_loss", "teacher_logits"]
+__all__ = [
+    "TEACHERS",
+    "TEACHER_ADAPTER",
+    "TopLogits",
+    "attach_tuned_teacher",
+    "distillation_loss",
+    "teacher_logits",
+    "top_logits",
+]
 
 # The name of the tuned teacher's adapter beside the trained one (peft's "default").
 TEACHER_ADAPTER = "teacher"
@@ -51,6 +62,19 @@ def _dense(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 def _tuned(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     # Per-sample adapter selection leaves the active adapter and every requires_grad untouched.
     return model(**inputs, adapter_names=[TEACHER_ADAPTER] * len(inputs["input_ids"])).logits
+
+
+class TopLogits(NamedTuple):
+    """A teacher's ``k`` largest next-token logits per position and their token ids, ``[batch, seq, k]`` each."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def top_logits(logits: Tensor, k: int) -> TopLogits:
+    """The ``k`` largest of ``logits`` ``[batch, seq, vocab]`` per position, in fp32 (raw: any temperature applies)."""
+    values, indices = logits.float().topk(k, dim=-1)
+    return TopLogits(values, indices)
 
 
 # teacher name (config distill.teacher) -> the teacher's logits on the inputs, given the model being trained.
@@ -93,7 +117,7 @@ def teacher_logits(model: nn.Module, batch: dict[str, Tensor], teacher: str) -> 
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher: Tensor | TopLogits,
     labels: Tensor,
     temperature: float,
     top_k: int | None = None,
@@ -102,19 +126,19 @@ def distillation_loss(
 
     Logits are ``[batch, seq, vocab]`` and ``labels`` ``[batch, seq]``, as a causal LM takes
     them: the logits at position t predict label t + 1, and positions whose next label is
-    ``IGNORE_INDEX`` are left out. ``top_k`` (None = the whole vocabulary) restricts the
-    teacher to its k most likely tokens, renormalised; k at least the vocabulary is the full KL.
+    ``IGNORE_INDEX`` are left out. ``teacher`` is its full logits or its precomputed top
+    logits. ``top_k`` (None = the whole vocabulary) restricts full teacher logits to their k
+    most likely tokens, renormalised; k at least the vocabulary is the full KL.
     """
     targets = labels[:, 1:] != IGNORE_INDEX
-    student = student_logits[:, :-1][targets].float() / temperature
-    teacher = teacher_logits[:, :-1][targets].float() / temperature
-    student_log_probs = student.log_softmax(-1)
-    if top_k is not None and top_k < teacher.shape[-1]:
-        values, support = teacher.topk(top_k, dim=-1)
-        teacher_log_probs = values.log_softmax(-1)
-        student_log_probs = student_log_probs.gather(-1, support)
+    student_log_probs = (student_logits[:, :-1][targets].float() / temperature).log_softmax(-1)
+    if isinstance(teacher, Tensor) and top_k is not None and top_k < teacher.shape[-1]:
+        teacher = top_logits(teacher, top_k)
+    if isinstance(teacher, TopLogits):
+        teacher_log_probs = (teacher.values[:, :-1][targets].float() / temperature).log_softmax(-1)
+        student_log_probs = student_log_probs.gather(-1, teacher.indices[:, :-1][targets].long())
     else:
-        teacher_log_probs = teacher.log_softmax(-1)
+        teacher_log_probs = (teacher[:, :-1][targets].float() / temperature).log_softmax(-1)
     kl = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
     # A batch without targets contributes zero, not the NaN of an empty mean.
     return kl.sum() / targets.sum().clamp(min=1) * temperature**2
