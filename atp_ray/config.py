@@ -490,13 +490,18 @@ class DistillSettings(_Section):
         # A trial runs in its own working directory: a relative folder would name another place there.
         return None if path is None else str(Path(os.path.expanduser(path)).resolve())
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether the teacher's top-k logits can be computed once: a fixed teacher, with top_k set."""
+        return self.teacher != "inplace" and self.top_k is not None
+
     @model_validator(mode="after")
     def _teacher_settings_agree(self) -> DistillSettings:
         if self.teacher == "tuned" and self.teacher_run is None:
             raise ValueError("teacher 'tuned' needs teacher_run: the folder of a finished method=lora run of this model")
         if self.teacher != "tuned" and self.teacher_run is not None:
             raise ValueError(f"teacher_run is read by teacher 'tuned' only (got teacher {self.teacher!r})")
-        if self.cache is not None and (self.teacher == "inplace" or self.top_k is None):
+        if self.cache is not None and not self.cacheable:
             raise ValueError(
                 "cache holds a fixed teacher's top-k logits: it needs teacher 'dense' or 'tuned' (the in-place "
                 "teacher changes as LoRA trains) and top_k set "

@@ -399,7 +399,7 @@ def build_teacher_cache(config: RunConfig, path: Path, progress: bool = True) ->
     What ``atp-ray distill-cache`` runs: one process, the model built as a run builds it, the
     teacher's forward under the run's precision. Returns the number of blocks cached.
     """
-    if config.distill.teacher == "inplace" or config.distill.top_k is None:
+    if not config.distill.cacheable:
         raise ConfigError(["a teacher cache needs distill.teacher dense or tuned and distill.top_k set"])
     context = ProcessContext.current(config.train.device)
     splits = build_splits(config.data, load_tokenizer(config.model.path), config.train.seed)

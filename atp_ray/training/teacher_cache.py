@@ -108,7 +108,7 @@ class TeacherCache:
 
     def top_logits(self, input_ids: Tensor) -> TopLogits:
         """The cached top logits of the blocks in ``input_ids`` ``[batch, seq]``, on its device."""
-        keys = [block_key(row) for row in input_ids]
+        keys = [block_key(row) for row in input_ids.cpu()]  # one copy to the host per batch, not one per row
         missing = [k for k in keys if f"{k}.values" not in self._keys]
         if missing:
             raise ConfigError([
