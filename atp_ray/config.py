@@ -517,6 +517,11 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0, description="peak AdamW learning rate of LoRA")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of LoRA")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps of the LoRA learning rate")
+    lr_after_freeze: Literal["continue", "restart"] = Field(
+        "continue",
+        description="continue: one cosine decay over the run; restart: a new cosine from the peak once the "
+        "mask freezes, so LoRA recovers the final mask at full rate (a fixed mask freezes at step 0)",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm (both optimizers)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast on a GPU that supports it, else fp32"

@@ -251,6 +251,36 @@ def test_lr_warmup_cosine_lasso_ramp_and_log_windows(tiny_model_dir, tmp_path, m
             assert row[key] == pytest.approx(sum(values) / len(values), rel=1e-6), (row["step"], key)
 
 
+def test_lr_restart_at_freeze_and_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """train.lr_after_freeze=restart: the control phase follows the run's cosine, the step after the
+    freeze is back at the peak and a new cosine runs to the end; a run killed after the freeze and
+    resumed ends identical to one that was not."""
+    steps, peak = 40, 1e-3
+    raw = tiny_run_config(tiny_model_dir, train={"lr_after_freeze": "restart", "log_every": 1, "checkpoint_every": 4})
+    uninterrupted = RunFolder(tmp_path / "whole")
+    summary = run_atp(load_config(raw), uninterrupted.root)
+    freeze = summary["freeze_step"]
+    assert 0 < freeze < 28, "the restart needs a freeze before the killed run's last checkpoint"
+
+    def lr(t: int) -> float:
+        start = 0 if t <= freeze else freeze + 1
+        return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (t - start) / (steps - start))))
+
+    rows = _rows(uninterrupted)
+    assert [r["lr"] for r in rows] == pytest.approx([lr(t) for t in range(steps)], rel=1e-6)
+    assert rows[freeze + 1]["lr"] == pytest.approx(peak) and rows[freeze]["lr"] < 0.9 * peak
+
+    resumed = RunFolder(tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        _stop_after_checkpoint(patch, 7)  # step 28: after the freeze
+        with pytest.raises(KeyboardInterrupt):
+            run_atp(load_config(raw), resumed.root)
+    run_atp(load_config(raw), resumed.root)
+    whole, again = _outputs(uninterrupted), _outputs(resumed)
+    assert again["metrics"] == whole["metrics"]
+    assert all(torch.equal(again["adapter"][k], v) for k, v in whole["adapter"].items())
+
+
 def test_bf16_autocast_takes_effect(tiny_model_dir, tmp_path):
     """train.precision=bf16: the decoder's MLPs compute in bfloat16 (CPU autocast here), in training
     and in the final evaluation, and the losses stay finite."""

@@ -281,11 +281,17 @@ class ATPRecipe:
 
     # -- schedules ---------------------------------------------------------------------
     def _lora_lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to 10% of the peak over the run."""
+        """Linear warm-up, then cosine decay to 10% of the peak over the run (or, with
+        ``lr_after_freeze: restart``, over the control phase and again over the frozen one)."""
         cfg = self.config.train
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        start = cfg.warmup_steps
+        freeze_step = self.source.freeze_step
+        # The scheduler sets step freeze_step's rate before the mask freezes: restart at the next.
+        if cfg.lr_after_freeze == "restart" and freeze_step is not None and step > freeze_step > start:
+            start = freeze_step + 1
+        progress = (step - start) / max(1, cfg.steps - start)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def _lasso_weight(self) -> float:
