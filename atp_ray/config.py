@@ -125,7 +125,7 @@ def absolute_local_paths(raw: dict[str, Any], root: Path | None = None) -> dict[
             return value
         return str((root / value).resolve())
 
-    sections = {"model": ["path"], "distributed": ["storage_path", "deepspeed_config"]}
+    sections = {"model": ["path"], "baseline": ["mask_run"], "distributed": ["storage_path", "deepspeed_config"]}
     for section, keys in sections.items():
         values = raw.get(section)
         for key in keys if isinstance(values, dict) else []:
@@ -436,6 +436,11 @@ class BaselineSettings(_Section):
     calibration_batches: int = Field(
         8, gt=0, description="calibration batches whose mean loss gives taylor's gradients"
     )
+    mask_run: str | None = Field(
+        None,
+        description="a finished atp run folder of this model: two-step tunes its final mask (an elastic "
+        "run's at atp.sparsity) from step 0 instead of scoring units",
+    )
 
 
 # Teachers of the distillation term (atp_ray.training.distillation.TEACHERS; a test keeps them equal).
@@ -613,6 +618,15 @@ class RunConfig(_Section):
             raise ValueError(
                 f"several sparsity budgets ({self.atp.sparsities}) need method atp, whose generator takes the "
                 f"budget as an input; method {self.method!r} prunes to one atp.sparsity"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mask_run_is_two_steps(self) -> RunConfig:
+        if self.baseline.mask_run is not None and self.method != "two-step":
+            raise ValueError(
+                f"baseline.mask_run gives method two-step its mask (got method {self.method!r}): "
+                "set method=two-step or leave baseline.mask_run unset"
             )
         return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -146,6 +147,39 @@ def test_two_step_run_folder_compresses_and_evaluates_like_an_atp_run(tiny_model
         assert main(["eval", str(path), "--tasks", "domain-ppl", "--max-samples", "all", "--out", str(out)]) == 0
         reports[name] = json.loads(out.read_text())["tasks"]["domain-ppl"]["values"]["perplexity"]
     assert reports["compressed"] == pytest.approx(reports["run"], rel=1e-4)
+
+
+def test_two_step_tunes_an_atp_runs_mask_and_refuses_one_that_does_not_fit(finished_run, tiny_model_dir, tmp_path):
+    """baseline.mask_run: two-step trains from step 0 on exactly the ATP run's final mask; a mask at
+    another sparsity, another model's run, an unfinished folder or another method are refused."""
+    from atp_ray.errors import RunFolderError
+
+    def two_step(**sections) -> dict:
+        raw = tiny_run_config(tiny_model_dir, train={"steps": 6}, baseline={"mask_run": str(finished_run.folder.root)})
+        raw["method"] = "two-step"
+        for name, values in sections.items():
+            raw[name] = {**raw.get(name, {}), **values}
+        return raw
+
+    summary = run_atp(load_config(two_step()), tmp_path / "run")
+    space = PruningSpace.from_config(load_model(str(tiny_model_dir)).config)
+    atp_mask, tuned = finished_run.folder.read_mask(space), RunFolder(tmp_path / "run").read_mask(space)
+    assert all(torch.equal(tuned[g], atp_mask[g]) for g in space.groups)
+    assert summary["freeze_step"] == 0 and summary["sparsity"] == pytest.approx(finished_run.summary["sparsity"])
+    assert all(r["phase"] == "frozen" for r in _rows(RunFolder(tmp_path / "run")))
+
+    with pytest.raises(RunFolderError, match="its mask removes 0.4.*atp.sparsity is 0.3"):
+        run_atp(load_config(two_step(atp={"sparsity": 0.3})), tmp_path / "other-sparsity")
+    with pytest.raises(RunFolderError, match="no mask.json"):
+        run_atp(load_config(two_step(baseline={"mask_run": str(tmp_path)})), tmp_path / "no-run")
+    other_model = tmp_path / "other-model"  # the same weights in another folder: another model to the config
+    shutil.copytree(tiny_model_dir, other_model)
+    with pytest.raises(RunFolderError, match="pruned .* this run tunes"):
+        run_atp(load_config(two_step(model={"path": str(other_model)})), tmp_path / "other")
+    atp_raw = two_step()
+    atp_raw["method"] = "atp"
+    with pytest.raises(ConfigError, match="baseline.mask_run gives method two-step its mask"):
+        load_config(atp_raw)
 
 
 def test_lora_method_prunes_nothing(tiny_model_dir, tmp_path):

@@ -21,11 +21,13 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from atp_ray.errors import RunFolderError
 from atp_ray.pruning.critical import critical_units
 from atp_ray.pruning.generator import Offset, PruningGenerator, detach_masks
 from atp_ray.pruning.importance import IMPORTANCE, Gather, importance_masks, importance_prior
@@ -33,7 +35,7 @@ from atp_ray.pruning.masking import masked
 from atp_ray.pruning.structures import Masks, PruningSpace, UnitGroup
 from atp_ray.pruning.widths import round_mlp_channels
 from atp_ray.runtime.modeling import eval_for_backward
-from atp_ray.runtime.run_folder import budget_key
+from atp_ray.runtime.run_folder import RunFolder, budget_key
 from atp_ray.training.budget import BudgetController
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 # Calibration batches the critical-unit screen scores each removal on: the units it exists for
 # cost 0.8 to 4.2 nats, far above the threshold, and every batch is one more pass per KV group.
 SCREEN_BATCHES = 2
+# How far a read mask's sparsity may be from atp.sparsity: ATP freezes onto its budget up to one
+# unit's worth of parameters (under 0.002 on SmolLM2-135M), a width rounding a little more.
+MASK_RUN_TOLERANCE = 0.01
 
 # One LoRA update under the given mask; returns the step's metrics.
 LoraStep = Callable[[Masks], dict[str, float]]
@@ -203,6 +208,9 @@ class FixedMasks(MaskSource):
 
     @staticmethod
     def choose(config: RunConfig, bench: Workbench) -> dict[UnitGroup, Tensor]:
+        if config.baseline.mask_run is not None:
+            masks = mask_of_run(config, bench.space)
+            return {g: m.to(bench.context.device) for g, m in masks.items()}
         masks = importance_masks(
             bench.model,
             bench.space,
@@ -215,6 +223,28 @@ class FixedMasks(MaskSource):
         )
         log.info("%s mask (%s): sparsity %.4f", config.method, config.baseline.importance, bench.space.sparsity(masks))
         return bench.context.broadcast_masks(masks)  # ranks scored different calibration shards
+
+
+def mask_of_run(config: RunConfig, space: PruningSpace) -> dict[UnitGroup, Tensor]:
+    """The final mask of ``baseline.mask_run``, checked to be of this model and at ``atp.sparsity``.
+
+    ATP's mask with a whole run of tuning: the run that found it tuned it only after its freeze.
+    """
+    folder = RunFolder(Path(config.baseline.mask_run))
+    if not folder.mask.is_file():
+        raise RunFolderError(f"baseline.mask_run {folder.root}: no finished run there (no mask.json)")
+    model = folder.read_config()["model"]["path"]
+    if model != config.model.path:
+        raise RunFolderError(f"baseline.mask_run {folder.root} pruned {model!r}, this run tunes {config.model.path!r}")
+    masks = folder.read_mask(space, budget=config.atp.sparsity if folder.mask_budgets() else None)
+    sparsity = space.sparsity(masks)
+    if abs(sparsity - config.atp.sparsity) > MASK_RUN_TOLERANCE:
+        raise RunFolderError(
+            f"baseline.mask_run {folder.root}: its mask removes {sparsity:.3f}, atp.sparsity is "
+            f"{config.atp.sparsity}: set atp.sparsity={sparsity:.2f}"
+        )
+    log.info("two-step mask read from %s: sparsity %.4f", folder.root, sparsity)
+    return masks
 
 
 class NoPruning(FixedMasks):
