@@ -438,8 +438,8 @@ class BaselineSettings(_Section):
     )
     mask_run: str | None = Field(
         None,
-        description="a finished atp run folder of this model: two-step tunes its final mask (an elastic "
-        "run's at atp.sparsity) from step 0 instead of scoring units",
+        description="a finished atp run folder of this model and atp.sparsity: two-step tunes its final "
+        "mask (an elastic run's at atp.sparsity) from step 0 instead of scoring units",
     )
 
 

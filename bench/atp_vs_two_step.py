@@ -13,7 +13,9 @@ same kept-parameter count, then LoRA-tunes under that mask; dense LoRA prunes no
 is the reference. The ``+ distill`` variants add the KL to a teacher's next-token
 distribution (the ``distill`` section) to the LoRA step, ATP's once its mask is frozen; ``--teacher tuned`` (the default)
 is the same seed's dense LoRA run, so it needs ``dense lora`` among the methods, and
-``inplace`` / ``dense`` are the unmasked model with the current / no LoRA. Each method runs with its best calibration measured
+``inplace`` / ``dense`` are the unmasked model with the current / no LoRA. ``atp mask + tune``
+tunes the same seed's ATP mask from step 0 as two-step tunes its own (``baseline.mask_run``):
+the mask's quality with two-step's whole run of tuning, at the cost of both runs. Each method runs with its best calibration measured
 (``calibration`` column): two-step's Taylor scores are a one-time cost, so it gets 4
 blocks per batch where ATP's generator updates take the shipped 2, and it protects the KV
 groups whose loss alone costs the untuned model over 0.5 nats (``atp.protect_loss_increase``),
@@ -41,6 +43,7 @@ from atp_ray.runtime.run_folder import RunFolder
 from bench._runs import base_config, kept_or_run, kept_or_scored, mean_sd, refuse_stale, score, with_overrides
 
 DENSE = "dense lora"
+ATP_MASK_TUNED = "atp mask + tune"
 # The distilled variants' weight of the KL term (the config ships distillation off).
 DISTILL_WEIGHT = 1.0
 # Two-step's Taylor scores see baseline.calibration_batches (8) batches of this many blocks once:
@@ -63,8 +66,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "two-step magnitude": {"method": "two-step", "baseline": {"importance": "magnitude"}, **_NO_DISTILL},
     "two-step taylor": {**_TAYLOR, **_NO_DISTILL},
     "two-step taylor + distill": {**_TAYLOR, **_DISTILL},
+    # ATP's final mask tuned from step 0 like two-step's (baseline.mask_run: the seed's atp run).
+    ATP_MASK_TUNED: {"method": "two-step", **_NO_DISTILL},
 }
-DEFAULT_METHODS = [DENSE, "atp", "atp + distill", "two-step taylor", "two-step taylor + distill"]
+DEFAULT_METHODS = [DENSE, "atp", "atp + distill", ATP_MASK_TUNED, "two-step taylor", "two-step taylor + distill"]
 
 
 def scored_run(run_dir: Path, max_samples: int | None) -> dict[str, float]:
@@ -83,6 +88,8 @@ def calibration(config: RunConfig) -> str:
     blocks = config.train.calibration_batch_size
     scored = config.baseline.calibration_batches * blocks
     protected = f", protect {config.atp.protect_loss_increase:g}" if config.atp.protect_loss_increase else ""
+    if config.baseline.mask_run is not None:
+        return "the atp run's mask"
     if config.method == "atp":
         prior = f" (+{scored} once, prior)" if config.atp.importance_prior else ""
         return f"{blocks} per update{prior}{protected}"
@@ -107,7 +114,9 @@ def plan(
     runs: list[Run] = []
     for seed in seeds:
         pairs = [(DENSE, 0.0)] if DENSE in methods else []
-        pairs += [(name, s) for s in sparsities for name in methods if name != DENSE]
+        # ATP's mask is tuned after its ATP run has made it.
+        ordered = sorted((name for name in methods if name != DENSE), key=lambda name: name == ATP_MASK_TUNED)
+        pairs += [(name, s) for s in sparsities for name in ordered]
         distill = {"teacher": teacher}
         if teacher == "tuned":
             distill["teacher_run"] = str(run_folder(workdir, DENSE, 0.0, seed))
@@ -115,6 +124,8 @@ def plan(
             raw_run = with_overrides(with_overrides(raw, **METHODS[name]), atp={"sparsity": sparsity}, train={"seed": seed})
             if raw_run["distill"]["weight"] > 0:
                 raw_run = with_overrides(raw_run, distill=distill)
+            if name == ATP_MASK_TUNED:
+                raw_run = with_overrides(raw_run, baseline={"mask_run": str(run_folder(workdir, "atp", sparsity, seed))})
             runs.append((name, sparsity, seed, raw_run, run_folder(workdir, name, sparsity, seed)))
     return runs
 
@@ -174,6 +185,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.teacher == "tuned" and DENSE not in args.methods and any("distill" in m for m in args.methods):
         parser.error(f"--teacher tuned learns from the seed's dense LoRA run: add '{DENSE}' to --methods")
+    if ATP_MASK_TUNED in args.methods and "atp" not in args.methods:
+        parser.error(f"'{ATP_MASK_TUNED}' tunes the mask of the seed's atp run: add 'atp' to --methods")
     return args
 
 

@@ -168,7 +168,7 @@ def test_two_step_tunes_an_atp_runs_mask_and_refuses_one_that_does_not_fit(finis
     assert summary["freeze_step"] == 0 and summary["sparsity"] == pytest.approx(finished_run.summary["sparsity"])
     assert all(r["phase"] == "frozen" for r in _rows(RunFolder(tmp_path / "run")))
 
-    with pytest.raises(RunFolderError, match="its mask removes 0.4.*atp.sparsity is 0.3"):
+    with pytest.raises(RunFolderError, match="pruned for atp.sparsity 0.4, this run's is 0.3: set atp.sparsity=0.4"):
         run_atp(load_config(two_step(atp={"sparsity": 0.3})), tmp_path / "other-sparsity")
     with pytest.raises(RunFolderError, match="no mask.json"):
         run_atp(load_config(two_step(baseline={"mask_run": str(tmp_path)})), tmp_path / "no-run")

@@ -44,10 +44,15 @@ def test_atp_vs_two_step_quick_prints_every_method(monkeypatch, capsys, tmp_path
     _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--threads", "1", "--keep", str(tmp_path)])
     out = capsys.readouterr().out
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
-    assert [r[0] for r in rows] == ["dense lora", "atp", "atp + distill", "two-step taylor", "two-step taylor + distill"]
+    methods = ["dense lora", "atp", "atp + distill", "atp mask + tune", "two-step taylor", "two-step taylor + distill"]
+    assert [r[0] for r in rows] == methods
     # Each method's calibration is in the table: quick two-step scores 2 batches of 4 blocks once, protected.
-    two_step = "8 once, protect 0.5"
-    assert [r[2] for r in rows] == ["-", "2 per update (+4 once, prior)", "2 per update (+4 once, prior)", two_step, two_step]
+    two_step, atp = "8 once, protect 0.5", "2 per update (+4 once, prior)"
+    assert [r[2] for r in rows] == ["-", atp, atp, "the atp run's mask", two_step, two_step]
+    # "atp mask + tune" tuned the atp run's final mask from step 0.
+    tuned, atp_run = RunFolder(tmp_path / "atp-mask-plus-tune-0.4-0"), RunFolder(tmp_path / "atp-0.4-0")
+    assert json.loads(tuned.mask.read_text()) == json.loads(atp_run.mask.read_text())
+    assert json.loads(tuned.summary.read_text())["freeze_step"] == 0
     assert "± " in out
     # The kept run folders: only "+ distill" runs trained with the KL term. Two-step's mask is
     # frozen from step 0; ATP distils once its mask is frozen (if this 4-step run gets there).
@@ -100,6 +105,9 @@ def test_atp_vs_two_step_runs_only_the_methods_asked(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:  # a tuned teacher needs the dense LoRA run
         _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--methods", "atp + distill"])
     assert caught.value.code == 2 and "add 'dense lora' to --methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:  # ATP's mask needs the ATP run
+        _run(monkeypatch, atp_vs_two_step, ["--quick", "--seeds", "0", "--methods", "atp mask + tune"])
+    assert caught.value.code == 2 and "add 'atp' to --methods" in capsys.readouterr().err
 
 
 def test_a_kept_run_saved_before_a_knob_existed_is_not_trained_again(finished_run, tmp_path):

@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 # Calibration batches the critical-unit screen scores each removal on: the units it exists for
 # cost 0.8 to 4.2 nats, far above the threshold, and every batch is one more pass per KV group.
 SCREEN_BATCHES = 2
-# How far a read mask's sparsity may be from atp.sparsity: ATP freezes onto its budget up to one
-# unit's worth of parameters (under 0.002 on SmolLM2-135M), a width rounding a little more.
-MASK_RUN_TOLERANCE = 0.01
 
 # One LoRA update under the given mask; returns the step's metrics.
 LoraStep = Callable[[Masks], dict[str, float]]
@@ -226,24 +223,28 @@ class FixedMasks(MaskSource):
 
 
 def mask_of_run(config: RunConfig, space: PruningSpace) -> dict[UnitGroup, Tensor]:
-    """The final mask of ``baseline.mask_run``, checked to be of this model and at ``atp.sparsity``.
+    """The final mask of ``baseline.mask_run``, checked to be of this model and for ``atp.sparsity``.
 
     ATP's mask with a whole run of tuning: the run that found it tuned it only after its freeze.
+    The mask is taken as that run froze it, on its target or short of it (its summary says).
     """
     folder = RunFolder(Path(config.baseline.mask_run))
     if not folder.mask.is_file():
         raise RunFolderError(f"baseline.mask_run {folder.root}: no finished run there (no mask.json)")
-    model = folder.read_config()["model"]["path"]
-    if model != config.model.path:
-        raise RunFolderError(f"baseline.mask_run {folder.root} pruned {model!r}, this run tunes {config.model.path!r}")
-    masks = folder.read_mask(space, budget=config.atp.sparsity if folder.mask_budgets() else None)
-    sparsity = space.sparsity(masks)
-    if abs(sparsity - config.atp.sparsity) > MASK_RUN_TOLERANCE:
+    saved = folder.read_config()
+    if saved["model"]["path"] != config.model.path:
         raise RunFolderError(
-            f"baseline.mask_run {folder.root}: its mask removes {sparsity:.3f}, atp.sparsity is "
-            f"{config.atp.sparsity}: set atp.sparsity={sparsity:.2f}"
+            f"baseline.mask_run {folder.root} pruned {saved['model']['path']!r}, this run tunes {config.model.path!r}"
         )
-    log.info("two-step mask read from %s: sparsity %.4f", folder.root, sparsity)
+    if folder.mask_budgets() is not None:  # an elastic run: the mask of this run's budget (or its list)
+        return folder.read_mask(space, budget=config.atp.sparsity)
+    if saved["atp"]["sparsity"] != config.atp.sparsity:
+        raise RunFolderError(
+            f"baseline.mask_run {folder.root} pruned for atp.sparsity {saved['atp']['sparsity']}, this run's is "
+            f"{config.atp.sparsity}: set atp.sparsity={saved['atp']['sparsity']}"
+        )
+    masks = folder.read_mask(space)
+    log.info("two-step mask read from %s: sparsity %.4f", folder.root, space.sparsity(masks))
     return masks
 
 
