@@ -94,9 +94,12 @@ def test_relative_paths_in_the_base_config_are_made_absolute_for_the_trials(tmp_
     (tmp_path / "tiny").symlink_to(tiny_model_dir)
     (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
     monkeypatch.chdir(tmp_path)
-    path = _space(tmp_path, base={"model": {"path": "tiny"}, "data": {"source": "notes.jsonl"}})
+    (tmp_path / "atp-run").mkdir()
+    two_step = {"method": "two-step", "baseline": {"mask_run": "atp-run"}}
+    path = _space(tmp_path, base={"model": {"path": "tiny"}, "data": {"source": "notes.jsonl"}, **two_step})
     _, base = load_space(path, ["distributed.storage_path=s3://bucket/runs"])
     assert base["model"]["path"] == str(tiny_model_dir.resolve())
+    assert base["baseline"]["mask_run"] == str(tmp_path / "atp-run")
     assert base["data"]["source"] == {"kind": "file", "path": str(tmp_path / "notes.jsonl")}
     assert base["distributed"]["storage_path"] == "s3://bucket/runs"  # a URI, not a local path
     _, hub = load_space(_space(tmp_path, base={"model": {"path": "embedded:smollm2-135m-instruct"}}))
