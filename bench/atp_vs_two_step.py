@@ -15,10 +15,10 @@ distribution (the ``distill`` section) to the LoRA step, ATP's once its mask is 
 is the same seed's dense LoRA run, so it needs ``dense lora`` among the methods, and
 ``inplace`` / ``dense`` are the unmasked model with the current / no LoRA. ``atp mask + tune``
 tunes the same seed's ATP mask from step 0 as two-step tunes its own (``baseline.mask_run``):
-the mask's quality with two-step's whole run of tuning, at the cost of both runs. Each method runs with its best calibration measured
-(``calibration`` column): two-step's Taylor scores are a one-time cost, so it gets 4
-blocks per batch where ATP's generator updates take the shipped 2, and it protects the KV
-groups whose loss alone costs the untuned model over 0.5 nats (``atp.protect_loss_increase``),
+the mask's quality with two-step's whole run of tuning, at the cost of both runs. Each method
+runs with its best calibration measured (``calibration`` column): two-step's Taylor scores
+are a one-time cost, so it gets 4 blocks per batch where ATP's generator updates take the
+shipped 2, and it protects the KV groups whose loss alone costs the untuned model over 0.5 nats (``atp.protect_loss_increase``),
 which helps Taylor and not ATP.
 
 With ``--keep DIR``, a run whose folder there already holds it finished (same config) is
@@ -125,7 +125,8 @@ def plan(
             if raw_run["distill"]["weight"] > 0:
                 raw_run = with_overrides(raw_run, distill=distill)
             if name == ATP_MASK_TUNED:
-                raw_run = with_overrides(raw_run, baseline={"mask_run": str(run_folder(workdir, "atp", sparsity, seed))})
+                atp_run = run_folder(workdir, "atp", sparsity, seed)
+                raw_run = with_overrides(raw_run, baseline={"mask_run": str(atp_run)})
             runs.append((name, sparsity, seed, raw_run, run_folder(workdir, name, sparsity, seed)))
     return runs
 

@@ -236,7 +236,7 @@ def mask_of_run(config: RunConfig, space: PruningSpace) -> dict[UnitGroup, Tenso
         raise RunFolderError(
             f"baseline.mask_run {folder.root} pruned {saved['model']['path']!r}, this run tunes {config.model.path!r}"
         )
-    if folder.mask_budgets() is not None:  # an elastic run: the mask of this run's budget (or its list)
+    if folder.mask_budgets() is not None:  # an elastic run: its mask at this run's atp.sparsity
         return folder.read_mask(space, budget=config.atp.sparsity)
     if saved["atp"]["sparsity"] != config.atp.sparsity:
         raise RunFolderError(
