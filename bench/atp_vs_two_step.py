@@ -18,8 +18,8 @@ tunes the same seed's ATP mask from step 0 as two-step tunes its own (``baseline
 the mask's quality with two-step's whole run of tuning, at the cost of both runs. Each method
 runs with its best calibration measured (``calibration`` column): two-step's Taylor scores
 are a one-time cost, so it gets 4 blocks per batch where ATP's generator updates take the
-shipped 2, and it protects the KV groups whose loss alone costs the untuned model over 0.5 nats (``atp.protect_loss_increase``),
-which helps Taylor and not ATP.
+shipped 2, and it protects the KV groups whose loss alone costs the untuned model over 0.5
+nats (``atp.protect_loss_increase``), which helps Taylor and not ATP.
 
 With ``--keep DIR``, a run whose folder there already holds it finished (same config) is
 not trained again, nor scored again. Each finished run folder is scored by the evaluation recipe (``atp-ray eval``):
@@ -85,11 +85,11 @@ def scored_run(run_dir: Path, max_samples: int | None) -> dict[str, float]:
 
 def calibration(config: RunConfig) -> str:
     """The calibration blocks a run's mask was learned or scored on, as the table shows it."""
+    if config.baseline.mask_run is not None:
+        return "the atp run's mask"
     blocks = config.train.calibration_batch_size
     scored = config.baseline.calibration_batches * blocks
     protected = f", protect {config.atp.protect_loss_increase:g}" if config.atp.protect_loss_increase else ""
-    if config.baseline.mask_run is not None:
-        return "the atp run's mask"
     if config.method == "atp":
         prior = f" (+{scored} once, prior)" if config.atp.importance_prior else ""
         return f"{blocks} per update{prior}{protected}"

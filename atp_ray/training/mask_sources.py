@@ -236,14 +236,13 @@ def mask_of_run(config: RunConfig, space: PruningSpace) -> dict[UnitGroup, Tenso
         raise RunFolderError(
             f"baseline.mask_run {folder.root} pruned {saved['model']['path']!r}, this run tunes {config.model.path!r}"
         )
-    if folder.mask_budgets() is not None:  # an elastic run: its mask at this run's atp.sparsity
-        return folder.read_mask(space, budget=config.atp.sparsity)
-    if saved["atp"]["sparsity"] != config.atp.sparsity:
+    elastic = folder.mask_budgets() is not None  # its mask at this run's atp.sparsity, one of its budgets
+    if not elastic and saved["atp"]["sparsity"] != config.atp.sparsity:
         raise RunFolderError(
             f"baseline.mask_run {folder.root} pruned for atp.sparsity {saved['atp']['sparsity']}, this run's is "
             f"{config.atp.sparsity}: set atp.sparsity={saved['atp']['sparsity']}"
         )
-    masks = folder.read_mask(space)
+    masks = folder.read_mask(space, budget=config.atp.sparsity if elastic else None)
     log.info("two-step mask read from %s: sparsity %.4f", folder.root, space.sparsity(masks))
     return masks
 
